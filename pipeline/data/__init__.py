@@ -1,0 +1,28 @@
+"""Datasets: the synthetic generator, the PASCAL VOC and folder+CSV readers, and the training transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.data.dataset import IGNORE, Sample, SegDataset, read_image, read_mask
+from pipeline.data.folder import read_folder
+from pipeline.data.voc import read_voc
+
+__all__ = ["IGNORE", "Sample", "SegDataset", "load_dataset", "prepare_data", "read_image", "read_mask"]
+
+READERS = {"voc": read_voc, "synthetic": read_voc, "folder": read_folder}
+
+
+def prepare_data(cfg: DataConfig) -> None:
+    """Generate the synthetic dataset on first use; real datasets are read where they are."""
+    if cfg.kind == "synthetic":
+        from pipeline.data.synthetic import generate
+
+        s = cfg.synthetic
+        generate(Path(cfg.root), n_train=s.n_train, n_val=s.n_val, size=s.size, seed=s.seed)
+
+
+def load_dataset(cfg: DataConfig, split: str) -> SegDataset:
+    prepare_data(cfg)
+    return READERS[cfg.kind](Path(cfg.root), split, cfg.background)

@@ -1,0 +1,122 @@
+"""Scoring against ground truth: map methods (best threshold from a sweep), pseudo-masks, baselines.
+
+Baselines keep progress honest:
+- ``background`` / ``most_frequent``: every pixel background (with a background class), or else every
+  pixel the image's class that is most frequent among the split's image-level labels;
+- ``all_present``: every present class painted over the whole image, ties split by class order (so the
+  first present class wins everywhere) -- what a classifier that knows the labels but not where gives.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data import SegDataset, read_mask
+from pipeline.data.dataset import Sample
+from pipeline.maps.io import load_maps
+from pipeline.metrics import ConfusionMatrix
+from pipeline.refine.threshold import threshold_labels
+
+
+def gt_masks(ds: SegDataset) -> dict[str, np.ndarray]:
+    return {s.id: read_mask(s.mask_path) for s in tqdm(ds.samples, desc="read GT", leave=False) if s.mask_path}
+
+
+def _summary(conf: ConfusionMatrix, ds: SegDataset) -> dict[str, Any]:
+    return {"miou": round(conf.miou(), 4), "pixel_accuracy": round(conf.pixel_accuracy(), 4),
+            "ignore_ratio": round(conf.ignore_ratio(), 4), "per_class": conf.per_class(ds.label_names)}
+
+
+def evaluate_maps(ds: SegDataset, gts: dict[str, np.ndarray], maps_dir: Path,
+                  sweep: list[float]) -> dict[str, Any]:
+    """mIoU of one map method. With background, at the best threshold of the sweep (curve kept);
+    without, the argmax over the image's classes."""
+    thresholds = sweep if ds.background else [0.0]
+    confs = [ConfusionMatrix(ds.num_labels) for _ in thresholds]
+    for s in tqdm(ds.samples, desc=f"score {maps_dir.name}", leave=False):
+        if s.id not in gts:
+            continue
+        maps, classes = load_maps(maps_dir / f"{s.id}.npz", ds.classes)
+        for t, conf in zip(thresholds, confs, strict=True):
+            conf.update(gts[s.id], threshold_labels(maps, classes, ds.background, fg=t))
+    mious = [c.miou() for c in confs]
+    best = int(np.nanargmax(mious))
+    out = _summary(confs[best], ds)
+    out["threshold"] = thresholds[best] if ds.background else None
+    if ds.background:
+        out["sweep"] = {"threshold": thresholds, "miou": [round(m, 4) for m in mious]}
+    return out
+
+
+def evaluate_labels(ds: SegDataset, gts: dict[str, np.ndarray], label_dir: Path) -> dict[str, Any]:
+    conf = ConfusionMatrix(ds.num_labels)
+    for s in tqdm(ds.samples, desc=f"score {label_dir.name}", leave=False):
+        if s.id in gts:
+            conf.update(gts[s.id], read_mask(label_dir / f"{s.id}.png", gts[s.id].shape))
+    return _summary(conf, ds)
+
+
+def _baseline_label(ds: SegDataset, s: Sample, name: str, frequency: Counter) -> int:
+    if name == "background":
+        return 0
+    if name == "most_frequent":
+        return ds.label_of(max(s.labels, key=lambda c: (frequency[c], -c)))
+    return ds.label_of(min(s.labels))  # all_present: ties split by class order
+
+
+def baseline_names(ds: SegDataset) -> list[str]:
+    return ["background" if ds.background else "most_frequent", "all_present"]
+
+
+def evaluate_baselines(ds: SegDataset, gts: dict[str, np.ndarray]) -> dict[str, Any]:
+    frequency = Counter(c for s in ds.samples for c in s.labels)
+    out = {}
+    for name in baseline_names(ds):
+        conf = ConfusionMatrix(ds.num_labels)
+        for s in ds.samples:
+            if s.id in gts:
+                conf.update(gts[s.id], np.full_like(gts[s.id], _baseline_label(ds, s, name, frequency)))
+        out[name] = _summary(conf, ds)
+    return out
+
+
+def plot_sweep(result: dict[str, Any], method: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.runfolder import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(result["sweep"]["threshold"], result["sweep"]["miou"], marker="o", ms=3)
+    ax.axvline(result["threshold"], color="gray", ls="--", lw=1)
+    ax.set_xlabel("background threshold")
+    ax.set_ylabel("mIoU")
+    ax.set_title(f"{method}: best {result['miou']:.3f} at {result['threshold']:.2f}")
+    ax.grid(alpha=0.3)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The mIoU table printed at the end of a run."""
+    rows = []
+    for method, r in metrics.get("maps", {}).items():
+        extra = f"threshold {r['threshold']:.2f}" if r.get("threshold") is not None else "argmax"
+        rows.append((f"maps/{method}", r["miou"], extra))
+    for refiner, r in metrics.get("pseudo_masks", {}).items():
+        rows.append((f"pseudo_masks/{refiner}", r["miou"], f"ignore {r['ignore_ratio']:.1%}"))
+    for name, r in metrics.get("baselines", {}).items():
+        rows.append((f"baseline/{name}", r["miou"], ""))
+    width = max([len(r[0]) for r in rows] + [10])
+    lines = [f"{'':{width}}  mIoU", *(f"{n:{width}}  {m:.3f}  {e}" for n, m, e in rows)]
+    val_map = metrics.get("classifier", {}).get("val_map")
+    if val_map is not None:
+        lines.insert(0, f"classifier val mAP {val_map:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Export refined label maps as a pseudo-mask dataset in PASCAL VOC layout, with a manifest.
+
+``pseudo_masks/`` holds JPEGImages/ (links or copies), SegmentationClass/ (palette PNGs in the source
+dataset's label index space, 255 = ignore), ImageSets/Segmentation/train.txt, classes.txt, labels.csv
+and manifest.json (per image: classes, coverage of each class, ignore ratio). It is a VOC-layout
+dataset the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data import IGNORE, SegDataset, read_mask
+from pipeline.runfolder import atomic_dir, write_json, write_text
+
+
+def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images: str = "link",
+                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest."""
+    names = ds.label_names
+    manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
+                                "skipped_without_labels": len(ds.skipped), "images": {}}
+    with atomic_dir(out_dir) as tmp:
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (tmp / sub).mkdir(parents=True)
+        for s in tqdm(ds.samples, desc="export", leave=False):
+            src = refined_dir / f"{s.id}.png"
+            label = read_mask(src)
+            shutil.copyfile(src, tmp / "SegmentationClass" / f"{s.id}.png")
+            dst = tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}"
+            if images == "link":
+                os.symlink(s.image_path.resolve(), dst)
+            else:
+                shutil.copyfile(s.image_path, dst)
+            counts = np.bincount(label.ravel(), minlength=256)
+            n = label.size
+            manifest["images"][s.id] = {
+                "classes": [ds.classes[c] for c in s.labels],
+                "coverage": {names[k]: round(float(counts[k] / n), 4) for k in range(len(names)) if counts[k]},
+                "ignore_ratio": round(float(counts[IGNORE] / n), 4),
+            }
+        ids = [s.id for s in ds.samples]
+        write_text(tmp / "ImageSets/Segmentation/train.txt", "\n".join(ids) + "\n")
+        write_text(tmp / "classes.txt", "\n".join(ds.classes) + "\n")
+        rows = [f"{s.id},{' '.join(ds.classes[c] for c in s.labels)}" for s in ds.samples]
+        write_text(tmp / "labels.csv", "image,labels\n" + "\n".join(rows) + "\n")
+        ratios = [v["ignore_ratio"] for v in manifest["images"].values()]
+        manifest["summary"] = {"images": len(ids), "mean_ignore_ratio": round(float(np.mean(ratios)), 4)}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,40 @@
+"""Models: backbones by name, the CAM classifier, and its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models.backbones import BACKBONES, Backbone, create_backbone
+from pipeline.models.cam_net import CAMNet
+
+__all__ = ["BACKBONES", "Backbone", "CAMNet", "build_classifier", "load_classifier", "classifier_state"]
+
+MODELS = {"cam": CAMNet}
+
+
+def build_classifier(model: str, backbone: str, pretrained: str, num_classes: int) -> tuple[nn.Module, Backbone]:
+    bb = create_backbone(backbone, pretrained)
+    return MODELS[model](bb, num_classes), bb
+
+
+def classifier_state(net: nn.Module, *, model: str, backbone: Backbone, backbone_name: str,
+                     classes: list[str], background: bool, input_size: int) -> dict[str, Any]:
+    """The checkpoint: weights + everything needed to use them (classes, backbone, normalisation)."""
+    return {"model": model, "backbone": backbone_name, "classes": list(classes), "background": background,
+            "mean": list(backbone.mean), "std": list(backbone.std), "input_size": input_size,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: classifier checkpoint not found (run the train_classifier stage first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]))
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device).eval(), ckpt

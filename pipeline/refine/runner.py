@@ -1,0 +1,76 @@
+"""Run a refiner over every image of a split in a process pool; outputs do not depend on the pool size."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config import RefineConfig
+from pipeline.data import SegDataset, read_image
+from pipeline.errors import ConfigError
+from pipeline.maps.io import load_maps
+from pipeline.refine import get_refiner
+from pipeline.runfolder import save_label_png
+
+
+def resolve_workers(workers: str) -> int:
+    if workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        n = int(workers)
+    except ValueError:
+        raise ConfigError(f"config key 'refine.workers': expected auto or an integer, got {workers!r}") from None
+    if n < 1:
+        raise ConfigError(f"config key 'refine.workers': expected at least 1, got {n}")
+    return n
+
+
+@dataclass(frozen=True)
+class _Job:
+    refiner: str
+    map_path: Path
+    image_path: Path
+    out_path: Path
+    class_names: tuple[str, ...]
+    background: bool
+    cfg: RefineConfig
+
+
+def _run_one(job: _Job) -> str:
+    refiner = get_refiner(job.refiner)
+    maps, classes = load_maps(job.map_path, list(job.class_names))
+    image = read_image(job.image_path) if refiner.needs_image else None
+    label = refiner.fn(maps, classes, image, job.background, job.cfg)
+    allowed = set((classes + int(job.background)).tolist()) | {255} | ({0} if job.background else set())
+    stray = set(np.unique(label).tolist()) - allowed
+    if stray:  # a refiner bug, not a user error
+        raise AssertionError(f"refiner {job.refiner} wrote labels {sorted(stray)} not among the image's classes")
+    save_label_png(job.out_path, label)
+    return job.out_path.stem
+
+
+def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cfg: RefineConfig,
+                 skip_existing: bool = False) -> int:
+    """Refine every image of ``ds``; returns the number of images processed now."""
+    get_refiner(refiner)  # fail early on a bad name
+    jobs = [_Job(refiner, maps_dir / f"{s.id}.npz", s.image_path, out_dir / f"{s.id}.png", tuple(ds.classes),
+                 ds.background, cfg) for s in ds.samples]
+    if skip_existing:
+        jobs = [j for j in jobs if not j.out_path.exists()]
+    workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
+    bar = tqdm(total=len(jobs), desc=f"refine {refiner}", leave=False)
+    if workers == 1:
+        for job in jobs:
+            _run_one(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(_run_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
+                bar.update()
+    bar.close()
+    return len(jobs)

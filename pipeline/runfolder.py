@@ -1,0 +1,194 @@
+"""The run folder, the contract between stages: paths, atomic writes and up-to-date markers.
+
+Every file is written to a temporary name in its folder and renamed into place, so an interrupted
+stage never leaves a half-written file that a later stage would trust. ``<stage>.done.json`` records
+the fingerprint of the stage's config sections and inputs; a stage whose fingerprint is unchanged is
+skipped. ``<stage>.partial.json`` marks a stage under way: a rerun with the same fingerprint keeps the
+per-item outputs already written, a rerun with another fingerprint starts that stage afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+VOC_PALETTE_SIZE = 256
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (index i -> RGB), as a flat list of 768 ints for PIL."""
+    palette = []
+    for i in range(VOC_PALETTE_SIZE):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot write the run folder ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_label_png(path: Path, label: np.ndarray) -> None:
+    """uint8 label map as a palette PNG (VOC colours, 255 = ignore)."""
+    from PIL import Image
+
+    im = Image.fromarray(label.astype(np.uint8), mode="P")
+    im.putpalette(voc_palette())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_figure(path: Path, fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """Cheap fingerprint of input files: names, sizes and modification times."""
+    entries = []
+    for p in paths:
+        st = Path(p).stat()
+        entries.append((str(p), st.st_size, st.st_mtime_ns))
+    return fingerprint(entries)
+
+
+class Stage:
+    """Bookkeeping of one stage in a run folder: skip when done, resume when partial, time it."""
+
+    def __init__(self, run: Path, name: str, fp: str):
+        self.run, self.name, self.fp = Path(run), name, fp
+        self.done_path = self.run / f"{name}.done.json"
+        self.partial_path = self.run / f"{name}.partial.json"
+
+    def is_done(self) -> bool:
+        if not self.done_path.exists():
+            return False
+        try:
+            return read_json(self.done_path).get("fingerprint") == self.fp
+        except (OSError, ValueError):
+            return False
+
+    def begin(self, outputs: Iterable[Path] = (), fresh: bool = False) -> bool:
+        """Start (or resume) the stage. Returns True when resuming a partial run with the same fingerprint.
+
+        Starting afresh removes the stage's previous per-item outputs (``outputs``: folders) and
+        marker, so nothing stale survives. ``fresh`` (``--force``) never resumes.
+        """
+        resuming = False
+        if self.partial_path.exists() and not fresh:
+            try:
+                resuming = read_json(self.partial_path).get("fingerprint") == self.fp
+            except (OSError, ValueError):
+                resuming = False
+        self.done_path.unlink(missing_ok=True)
+        if not resuming:
+            for out in map(Path, outputs):
+                if out.is_dir():
+                    shutil.rmtree(out)
+                else:
+                    out.unlink(missing_ok=True)
+            write_json(self.partial_path, {"fingerprint": self.fp})
+        self._t0 = time.perf_counter()
+        return resuming
+
+    def finish(self, **info: Any) -> None:
+        elapsed = time.perf_counter() - self._t0
+        write_json(self.done_path, {"fingerprint": self.fp, "seconds": round(elapsed, 2), **info})
+        self.partial_path.unlink(missing_ok=True)
+
+
+def stage_fingerprint(run: Path, name: str) -> str | None:
+    """The recorded fingerprint of a finished stage (an input of the stages after it)."""
+    p = Path(run) / f"{name}.done.json"
+    return read_json(p).get("fingerprint") if p.exists() else None
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    out = {}
+    for p in sorted(Path(run).glob("*.done.json")):
+        out[p.name.removesuffix(".done.json")] = read_json(p).get("seconds", 0.0)
+    return out
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Callable[[], Path]:
+    """Build a folder under a temp name and swap it into place at the end."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)

@@ -1,0 +1,11 @@
+"""One thin entry point per stage: parse config, call the library, write outputs. In run order."""
+
+from stages import evaluate, export, make_maps, refine, train_classifier
+
+STAGES = {
+    "train_classifier": train_classifier.run,
+    "make_maps": make_maps.run,
+    "refine": refine.run,
+    "export": export.run,
+    "evaluate": evaluate.run,
+}

@@ -1,0 +1,53 @@
+"""Stage 6: score maps, pseudo-masks and baselines against GT -> metrics.json, plots, the mIoU table."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.evaluation import (
+    evaluate_baselines,
+    evaluate_labels,
+    evaluate_maps,
+    format_table,
+    gt_masks,
+    plot_sweep,
+)
+from pipeline.runfolder import Stage, fingerprint, read_json, stage_fingerprint, stage_seconds, write_json
+from stages.common import log
+
+UPSTREAM = ("train_classifier", "make_maps", "refine", "export")
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir = cfg.run_path
+    fp = fingerprint(cfg.section_hash("evaluate"), [stage_fingerprint(run_dir, s) for s in UPSTREAM])
+    stage = Stage(run_dir, "evaluate", fp)
+    if stage.is_done() and not force:
+        log.info("evaluate: up to date, skipped\n%s", format_table(read_json(run_dir / "metrics.json")))
+        return
+    stage.begin(fresh=force)
+    t0 = time.perf_counter()
+
+    ds = load_dataset(cfg.data, cfg.maps.split)
+    gts = gt_masks(ds)
+    train_done = run_dir / "train_classifier.done.json"
+    metrics: dict = {"classifier": {"val_map": read_json(train_done).get("val_map") if train_done.exists()
+                                    else None}}
+    if not gts:
+        log.warning("evaluate: %s has no ground-truth masks for split %r; only the classifier is scored",
+                    cfg.data.root, cfg.maps.split)
+    else:
+        metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep)
+                           for m in cfg.maps.methods}
+        for m, result in metrics["maps"].items():
+            if "sweep" in result:
+                plot_sweep(result, m, run_dir / "plots" / f"sweep_{m}.png")
+        metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": cfg.refine.method}
+                                   for r in cfg.refine.refiners}
+        metrics["baselines"] = evaluate_baselines(ds, gts)
+    metrics["timing_s"] = {**stage_seconds(run_dir), "evaluate": round(time.perf_counter() - t0, 2)}
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("evaluate: %s\n%s", run_dir / "metrics.json", format_table(metrics))
+    stage.finish()

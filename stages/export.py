@@ -1,0 +1,30 @@
+"""Stage 4: export the chosen refiner's label maps as a VOC-layout pseudo-mask dataset + manifest.json."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.errors import ConfigError
+from pipeline.export import export_pseudo_masks
+from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
+from stages.common import log
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, e = cfg.run_path, cfg.export
+    if e.refiner not in cfg.refine.refiners:
+        raise ConfigError(f"config key 'export.refiner': {e.refiner!r} is not among refine.refiners "
+                          f"{cfg.refine.refiners}")
+    fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"))
+    stage = Stage(run_dir, "export", fp)
+    if stage.is_done() and not force:
+        log.info("export: up to date, skipped")
+        return
+    stage.begin(fresh=force)
+
+    ds = load_dataset(cfg.data, cfg.maps.split)
+    manifest = export_pseudo_masks(ds, run_dir / "refined" / e.refiner, run_dir / "pseudo_masks", e.images,
+                                   provenance={"refiner": e.refiner, "map_method": cfg.refine.method})
+    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), e.refiner,
+             cfg.refine.method, run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
+    stage.finish(images=len(ds))

@@ -1,0 +1,37 @@
+"""Stage 2: class maps of every configured method -> maps/<method>/<id>.npz (multi-scale + flip)."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.device import resolve_device
+from pipeline.errors import UserError
+from pipeline.maps import get_map_method
+from pipeline.maps.generate import generate_maps
+from pipeline.models import load_classifier
+from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
+from stages.common import dataset_fingerprint, log
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, m = cfg.run_path, cfg.maps
+    for name in m.methods:
+        get_map_method(name)
+    ds = load_dataset(cfg.data, m.split)
+    fp = fingerprint(cfg.section_hash("data", "maps"), stage_fingerprint(run_dir, "train_classifier"),
+                     dataset_fingerprint(ds))
+    stage = Stage(run_dir, "make_maps", fp)
+    if stage.is_done() and not force:
+        log.info("make_maps: up to date, skipped")
+        return
+    resuming = stage.begin(outputs=[run_dir / "maps" / name for name in m.methods], fresh=force)
+
+    device = resolve_device(cfg.device)
+    net, ckpt = load_classifier(run_dir / "classifier.pt", device)
+    if ckpt["classes"] != ds.classes:
+        raise UserError(f"{run_dir / 'classifier.pt'}: trained on other classes than {cfg.data.root} has; "
+                        "rerun train_classifier with --force")
+    log.info("make_maps: %s on %d %s images, scales %s%s", ", ".join(m.methods), len(ds), m.split, m.scales,
+             " + flip" if m.flip else "")
+    n = generate_maps(net, ckpt, ds, m.methods, run_dir / "maps", m.scales, m.flip, device, skip_existing=resuming)
+    stage.finish(images=len(ds), computed=n)

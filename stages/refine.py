@@ -1,0 +1,29 @@
+"""Stage 3: refine the maps of ``refine.method`` with every configured refiner -> refined/<refiner>/."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.refine import get_refiner
+from pipeline.refine.runner import refine_split, resolve_workers
+from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
+from stages.common import log
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, r = cfg.run_path, cfg.refine
+    for name in r.refiners:
+        get_refiner(name)
+    fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"))
+    stage = Stage(run_dir, "refine", fp)
+    if stage.is_done() and not force:
+        log.info("refine: up to date, skipped")
+        return
+    resuming = stage.begin(outputs=[run_dir / "refined" / name for name in r.refiners], fresh=force)
+
+    ds = load_dataset(cfg.data, cfg.maps.split)
+    log.info("refine: %s on %s maps, %d images, %d workers", ", ".join(r.refiners), r.method, len(ds),
+             resolve_workers(r.workers))
+    for name in r.refiners:
+        refine_split(name, ds, run_dir / "maps" / r.method, run_dir / "refined" / name, r, skip_existing=resuming)
+    stage.finish(images=len(ds))

@@ -1,0 +1,41 @@
+"""Stage 1: train the CAM classifier on image-level labels -> classifier.pt, train_log.json, curves."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.device import resolve_device, seed_everything
+from pipeline.models import build_classifier, classifier_state
+from pipeline.plots import plot_training_curves
+from pipeline.runfolder import Stage, fingerprint, save_torch, write_json
+from pipeline.train import train_classifier
+from stages.common import dataset_fingerprint, log
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, c = cfg.run_path, cfg.classifier
+    train_ds = load_dataset(cfg.data, cfg.data.train_split)
+    val_ds = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    fp = fingerprint(cfg.section_hash("data", "classifier"), cfg.seed, dataset_fingerprint(train_ds))
+    stage = Stage(run_dir, "train_classifier", fp)
+    if stage.is_done() and not force:
+        log.info("train_classifier: up to date, skipped")
+        return
+    resume_path = run_dir / "classifier.resume.pt"
+    stage.begin(outputs=[resume_path], fresh=force)
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    net, backbone = build_classifier(c.model, c.backbone, c.pretrained, train_ds.num_classes)
+    log.info("train_classifier: %s/%s on %d images (%s), %d epochs", c.model, c.backbone, len(train_ds),
+             device, c.epochs)
+    history = train_classifier(net, list(net.backbone.parameters()), c, train_ds, val_ds, backbone.mean,
+                               backbone.std, device, cfg.seed, resume_path, fp)
+
+    save_torch(run_dir / "classifier.pt", classifier_state(
+        net, model=c.model, backbone=backbone, backbone_name=c.backbone, classes=train_ds.classes,
+        background=train_ds.background, input_size=c.input_size))
+    write_json(run_dir / "train_log.json", history)
+    plot_training_curves(history, run_dir / "plots" / "classifier.png")
+    stage.finish(val_map=history[-1].get("val_map") if history else None)
+    resume_path.unlink(missing_ok=True)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.runfolder import save_label_png
+
+
+def write_rgb(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+
+
+@pytest.fixture
+def tiny_voc(tmp_path):
+    """A 4-image VOC-layout dataset; returns a function(background: bool, with_csv: bool) -> root."""
+
+    def make(background: bool, with_csv: bool = True) -> Path:
+        root = tmp_path / f"voc_bg{int(background)}_csv{int(with_csv)}"
+        classes = ["cat", "dog", "sofa"]
+        off = int(background)
+        rng = np.random.default_rng(0)
+        ids = ["a", "b", "c", "d"]
+        present = {"a": [0], "b": [1, 2], "c": [0, 2], "d": [1]}
+        for i in ids:
+            write_rgb(root / "JPEGImages" / f"{i}.jpg", rng.integers(0, 255, (24, 32, 3)))
+            mask = np.zeros((24, 32), np.uint8) if background else np.full((24, 32), present[i][0] + off, np.uint8)
+            for j, c in enumerate(present[i]):
+                mask[4 + 8 * j: 10 + 8 * j, 4:20] = c + off
+            mask[0, 0] = 255
+            save_label_png(root / "SegmentationClass" / f"{i}.png", mask)
+        (root / "ImageSets/Segmentation").mkdir(parents=True)
+        (root / "ImageSets/Segmentation/train.txt").write_text("a\nb\nc\n")
+        (root / "ImageSets/Segmentation/val.txt").write_text("d\n")
+        (root / "classes.txt").write_text(("background\n" if background else "") + "\n".join(classes) + "\n")
+        if with_csv:
+            rows = [f"{i},{' '.join(classes[c] for c in present[i])}" for i in ids]
+            (root / "labels.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
+        return root
+
+    return make
