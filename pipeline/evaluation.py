@@ -120,3 +120,18 @@ def format_table(metrics: dict[str, Any]) -> str:
     if val_map is not None:
         lines.insert(0, f"classifier val mAP {val_map:.3f}")
     return "\n".join(lines)
+
+
+def format_per_class(metrics: dict[str, Any]) -> str:
+    """Markdown tables of per-class IoU / precision / recall for every scored map method and refiner."""
+    out = []
+    sections = [("maps", m, r) for m, r in metrics.get("maps", {}).items()]
+    sections += [("pseudo_masks", m, r) for m, r in metrics.get("pseudo_masks", {}).items()]
+    for kind, name, result in sections:
+        out += [f"## {kind}/{name}: mIoU {result['miou']:.3f}", "", "| class | IoU | precision | recall |",
+                "|---|---|---|---|"]
+        for cls, s in result["per_class"].items():
+            cells = ["–" if s[k] is None else f"{s[k]:.3f}" for k in ("iou", "precision", "recall")]
+            out.append(f"| {cls} | {' | '.join(cells)} |")
+        out.append("")
+    return "\n".join(out)

@@ -1,4 +1,4 @@
-"""Stage 6: score maps, pseudo-masks and baselines against GT -> metrics.json, plots, the mIoU table."""
+"""Stage 6: score maps, pseudo-masks and baselines against GT -> metrics.json, per_class.md, plots."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ from pipeline.evaluation import (
     evaluate_baselines,
     evaluate_labels,
     evaluate_maps,
+    format_per_class,
     format_table,
     gt_masks,
     plot_sweep,
 )
-from pipeline.runfolder import Stage, fingerprint, read_json, stage_fingerprint, stage_seconds, write_json
+from pipeline.runfolder import (
+    Stage,
+    fingerprint,
+    read_json,
+    stage_fingerprint,
+    stage_seconds,
+    write_json,
+    write_text,
+)
 from stages.common import log
 
 UPSTREAM = ("train_classifier", "make_maps", "refine", "export")
@@ -49,5 +58,6 @@ def run(cfg: Config, force: bool = False) -> None:
         metrics["baselines"] = evaluate_baselines(ds, gts)
     metrics["timing_s"] = {**stage_seconds(run_dir), "evaluate": round(time.perf_counter() - t0, 2)}
     write_json(run_dir / "metrics.json", metrics)
+    write_text(run_dir / "per_class.md", format_per_class(metrics))
     log.info("evaluate: %s\n%s", run_dir / "metrics.json", format_table(metrics))
     stage.finish()

@@ -12,26 +12,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 
 MapMethod = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
-MAP_METHODS: dict[str, MapMethod] = {}
-
-
-def register_map(name: str):
-    def deco(fn: MapMethod) -> MapMethod:
-        MAP_METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_map_method(name: str) -> MapMethod:
-    if name not in MAP_METHODS:
-        raise ConfigError(f"config key 'maps.methods': unknown map method {name!r}; "
-                          f"expected one of {', '.join(sorted(MAP_METHODS))}")
-    return MAP_METHODS[name]
-
+MAP_METHODS: Registry[MapMethod] = Registry("map method", "maps.methods")
+register_map = MAP_METHODS.register
+get_map_method = MAP_METHODS.get
 
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,12 @@ class Backbone:
     std: tuple[float, float, float]
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {}
-
-
-def register_backbone(name: str):
-    def deco(fn: Callable[[str], Backbone]):
-        BACKBONES[name] = fn
-        return fn
-
-    return deco
+BACKBONES: Registry[Callable[[str], Backbone]] = Registry("backbone", "classifier.backbone")
+register_backbone = BACKBONES.register
 
 
 def create_backbone(name: str, pretrained: str = "none") -> Backbone:
-    if name not in BACKBONES:
-        raise ConfigError(f"config key 'classifier.backbone': unknown backbone {name!r}; "
-                          f"expected one of {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](pretrained)
+    return BACKBONES.get(name)(pretrained)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -20,22 +20,16 @@ class Refiner:
     needs_image: bool
 
 
-REFINERS: dict[str, Refiner] = {}
+REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
+get_refiner = REFINERS.get
 
 
 def register_refiner(name: str, needs_image: bool = False):
     def deco(fn):
-        REFINERS[name] = Refiner(fn, needs_image)
+        REFINERS.add(name, Refiner(fn, needs_image))
         return fn
 
     return deco
-
-
-def get_refiner(name: str) -> Refiner:
-    if name not in REFINERS:
-        raise ConfigError(f"config key 'refine.refiners': unknown refiner {name!r}; "
-                          f"expected one of {', '.join(sorted(REFINERS))}")
-    return REFINERS[name]
 
 
 from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)
