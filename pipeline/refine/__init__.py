@@ -32,4 +32,6 @@ def register_refiner(name: str, needs_image: bool = False):
     return deco
 
 
+from pipeline.refine import crf as _crf  # noqa: E402,F401  (registers the refiners)
+from pipeline.refine import graphcut as _graphcut  # noqa: E402,F401  (registers the refiners)
 from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)
