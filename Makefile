@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WSSS := $(PY) -m pipeline.cli
 STAGE_NAMES := train_classifier make_maps refine export evaluate
 
-.PHONY: install stages $(STAGE_NAMES) test lint clean
+.PHONY: install stages $(STAGE_NAMES) test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ $(STAGE_NAMES): install
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench.bench_refine
 
 lint: install
 	$(PY) -m ruff check .
