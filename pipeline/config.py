@@ -53,11 +53,39 @@ class ClassifierConfig:
 
 
 @dataclass
+class GradCAMConfig:
+    layer: str = "backbone"  # any submodule of the classifier whose output is [B,K,h,w]
+
+
+@dataclass
+class IGConfig:
+    steps: int = 16  # Gauss-Legendre nodes on the path from the baseline to the image
+    baseline: float | str = 0.0  # a value (in normalised input units) or "mean" (the image's mean colour)
+    chunk: int = 64  # rows per forward/backward: bounds memory
+
+
+@dataclass
+class SmoothGradConfig:
+    base: Literal["saliency", "ig", "guided"] = "saliency"
+    n: int = 16  # noisy copies
+    sigma: float = 0.15  # noise std as a fraction of the input's range
+    mode: Literal["abs", "square", "mean"] = "abs"
+    times_input: bool = False
+    cap_percentile: float = 100.0  # cap each map at this percentile (100 = no cap)
+    seed: int = 0
+    chunk: int = 64
+
+
+@dataclass
 class MapsConfig:
     split: str = "train"
     methods: list[str] = field(default_factory=lambda: ["cam"])
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
+    # options of the methods that take any (bound by name: maps.<method>)
+    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
+    ig: IGConfig = field(default_factory=IGConfig)
+    smoothgrad: SmoothGradConfig = field(default_factory=SmoothGradConfig)
 
 
 @dataclass

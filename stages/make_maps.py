@@ -33,5 +33,5 @@ def run(cfg: Config, force: bool = False) -> None:
                         "rerun train_classifier with --force")
     log.info("make_maps: %s on %d %s images, scales %s%s", ", ".join(m.methods), len(ds), m.split, m.scales,
              " + flip" if m.flip else "")
-    n = generate_maps(net, ckpt, ds, m.methods, run_dir / "maps", m.scales, m.flip, device, skip_existing=resuming)
+    n = generate_maps(net, ckpt, ds, m, run_dir / "maps", device, skip_existing=resuming)
     stage.finish(images=len(ds), computed=n)

@@ -7,6 +7,8 @@ the device are the caller's concern.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -20,4 +22,11 @@ MAP_METHODS: Registry[MapMethod] = Registry("map method", "maps.methods")
 register_map = MAP_METHODS.register
 get_map_method = MAP_METHODS.get
 
+
+def configured_method(name: str, options: object | None = None) -> MapMethod:
+    """The method ``name`` with its options (a config dataclass, e.g. ``maps.smoothgrad``) bound."""
+    fn = get_map_method(name)
+    return functools.partial(fn, **dataclasses.asdict(options)) if options is not None else fn
+
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)
+from pipeline.maps import gradients as _gradients  # noqa: E402,F401

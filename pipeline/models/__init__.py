@@ -37,4 +37,5 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]))
     net.load_state_dict(ckpt["state_dict"])
+    net.requires_grad_(False)  # inference only: map methods take gradients w.r.t. inputs/activations
     return net.to(device).eval(), ckpt
