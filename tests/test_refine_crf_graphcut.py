@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.config import CRFConfig, RefineConfig
+from pipeline.config import CRFConfig, RefineConfig, ThresholdConfig
 from pipeline.data.voc import read_voc
 from pipeline.maps.io import save_maps
 from pipeline.refine import get_refiner
@@ -63,7 +64,7 @@ def test_workers_give_identical_outputs(tiny_voc, tmp_path, background):
     rng = np.random.default_rng(3)
     for s in ds:
         save_maps(tmp_path / "maps" / f"{s.id}.npz", rng.random((len(s.labels), 24, 32)), list(s.labels), ds.classes)
-    cfg = RefineConfig()
+    cfg = RefineConfig(threshold=ThresholdConfig(fg=0.5, bg=0.2, min_margin=0.1))  # with an ignore band
     for name in REFINERS:
         outs = {}
         for workers in ("1", "2"):
@@ -71,6 +72,10 @@ def test_workers_give_identical_outputs(tiny_voc, tmp_path, background):
             refine_split(name, ds, tmp_path / "maps", tmp_path / f"{name}{workers}", cfg)
             outs[workers] = {s.id: (tmp_path / f"{name}{workers}" / f"{s.id}.png").read_bytes() for s in ds}
         assert outs["1"] == outs["2"], name
+        for s in ds:  # through the runner too, labels stay among the image's classes
+            label = np.asarray(Image.open(tmp_path / f"{name}1" / f"{s.id}.png"))
+            allowed = {ds.label_of(c) for c in s.labels} | {255} | ({0} if background else set())
+            assert set(np.unique(label)) <= allowed, name
 
 
 @pytest.mark.parametrize("background", [True, False])
