@@ -65,7 +65,7 @@ def test_workers_give_identical_outputs(tiny_voc, tmp_path, background):
     for s in ds:
         save_maps(tmp_path / "maps" / f"{s.id}.npz", rng.random((len(s.labels), 24, 32)), list(s.labels), ds.classes)
     cfg = RefineConfig(threshold=ThresholdConfig(fg=0.5, bg=0.2, min_margin=0.1))  # with an ignore band
-    for name in REFINERS:
+    for name in ("threshold", *REFINERS):
         outs = {}
         for workers in ("1", "2"):
             cfg.workers = workers
