@@ -9,12 +9,25 @@ from pipeline.export import export_pseudo_masks
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import log
 
+# Best first, as measured on MSRC-21 (train and val) and the synthetic set; see the README's Refinement table.
+REFINER_PREFERENCE = ("graphcut", "crf", "threshold")
+
+
+def export_refiner(name: str, refiners: list[str]) -> str:
+    """The refiner whose masks are exported: ``name``, or with ``auto`` the most preferred one that ran."""
+    if name == "auto":
+        ran = [r for r in REFINER_PREFERENCE if r in refiners] or refiners
+        if not ran:
+            raise ConfigError("config key 'refine.refiners' is empty: there is nothing to export")
+        return ran[0]
+    if name not in refiners:
+        raise ConfigError(f"config key 'export.refiner': {name!r} is not among refine.refiners {refiners}")
+    return name
+
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, e = cfg.run_path, cfg.export
-    if e.refiner not in cfg.refine.refiners:
-        raise ConfigError(f"config key 'export.refiner': {e.refiner!r} is not among refine.refiners "
-                          f"{cfg.refine.refiners}")
+    refiner = export_refiner(e.refiner, cfg.refine.refiners)
     fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"))
     stage = Stage(run_dir, "export", fp)
     if stage.is_done() and not force:
@@ -23,8 +36,8 @@ def run(cfg: Config, force: bool = False) -> None:
     stage.begin(fresh=force)
 
     ds = load_dataset(cfg.data, cfg.maps.split)
-    manifest = export_pseudo_masks(ds, run_dir / "refined" / e.refiner, run_dir / "pseudo_masks", e.images,
-                                   provenance={"refiner": e.refiner, "map_method": cfg.refine.method})
-    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), e.refiner,
+    manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
+                                   provenance={"refiner": refiner, "map_method": cfg.refine.method})
+    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner,
              cfg.refine.method, run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
     stage.finish(images=len(ds))

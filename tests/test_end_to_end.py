@@ -36,7 +36,10 @@ def test_end_to_end_beats_baselines(tiny_run):
     best_baseline = max(b["miou"] for b in metrics["baselines"].values())
     assert metrics["classifier"]["val_map"] > 0.5
     assert metrics["maps"]["cam"]["miou"] > best_baseline + 0.1
-    assert metrics["pseudo_masks"]["threshold"]["miou"] > best_baseline + 0.1
+    pseudo = {name: m["miou"] for name, m in metrics["pseudo_masks"].items()}
+    assert set(pseudo) == {"threshold", "crf", "graphcut"}
+    assert pseudo["threshold"] > best_baseline + 0.1
+    assert pseudo["graphcut"] > pseudo["threshold"] + 0.05  # colour segmentation sharpens the blobs
     for key in ("train_classifier", "make_maps", "refine", "export", "evaluate"):
         assert key in metrics["timing_s"]
     assert (run / "plots" / "sweep_cam.png").stat().st_size > 1000
@@ -50,6 +53,7 @@ def test_run_folder_contract(tiny_run):
         assert f["maps"].dtype == np.float16 and f["maps"].shape[0] == len(f["classes"])
         assert f["maps"].min() >= 0 and f["maps"].max() <= 1.0
     manifest = json.loads((run / "pseudo_masks/manifest.json").read_text())
+    assert manifest["refiner"] == "graphcut"  # export.refiner auto: the best refiner that ran
     entry = manifest["images"][ds.samples[0].id]
     assert set(entry) == {"classes", "coverage", "ignore_ratio"}
     assert abs(sum(entry["coverage"].values()) + entry["ignore_ratio"] - 1) < 1e-2
