@@ -26,8 +26,11 @@ $(STAGE_NAMES): install
 test: install
 	$(PY) -m pytest
 
+# Refinement images/s (bench/refine.json), then the map methods against their peer libraries
+# (bench/results.json); e.g. BENCH_MAPS_ARGS='--threads 1' on a CPU that other jobs share.
 bench: install
 	$(PY) -m bench.bench_refine
+	$(PY) -m bench.bench_maps $(BENCH_MAPS_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

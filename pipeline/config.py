@@ -77,6 +77,36 @@ class SmoothGradConfig:
 
 
 @dataclass
+class ScoreCAMConfig:
+    layer: str = "backbone"  # the submodule whose [B,K,h,w] output gives the masks
+    baseline: float | str = 0.0  # X_b: a value (in normalised input units) or "mean" (the image's mean colour)
+    probability: Literal["auto", "sigmoid", "softmax", "logit"] = "auto"  # auto: sigmoid if the model is multi-label
+    chunk: int = 64  # masked inputs per forward: bounds memory
+
+
+@dataclass
+class SSCAMConfig(ScoreCAMConfig):
+    variant: Literal["activation", "input"] = "activation"  # noise on the masks, or on the masked inputs
+    n: int = 8  # noisy samples per channel
+    sigma: float = 0.2  # noise std: in mask units (activation) or as a fraction of the image's range (input)
+    seed: int = 0
+
+
+@dataclass
+class ClassModelConfig:
+    """Class model visualisation (Simonyan et al. 2014); see pipeline/maps/class_model.py."""
+
+    steps: int = 80  # Adam steps of gradient ascent on S_c(I) - l2 * ||I||^2, from I = 0
+    lr: float = 0.05  # Adam step, in normalised input units
+    l2: float = 3e-3  # lambda of the L2 penalty (sum over pixels and channels)
+    size: int | None = None  # image side in pixels; None = the classifier's input size
+    jitter: int = 8  # random roll of up to this many pixels each step (0 = off)
+    blur_every: int = 4  # Gaussian blur of the image every this many steps (0 = off) ...
+    blur_sigma: float = 1.0  # ... with this std in pixels
+    seed: int = 0  # of the jitter offsets
+
+
+@dataclass
 class MapsConfig:
     split: str = "train"
     methods: list[str] = field(default_factory=lambda: ["cam"])
@@ -86,6 +116,9 @@ class MapsConfig:
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     ig: IGConfig = field(default_factory=IGConfig)
     smoothgrad: SmoothGradConfig = field(default_factory=SmoothGradConfig)
+    scorecam: ScoreCAMConfig = field(default_factory=ScoreCAMConfig)
+    sscam: SSCAMConfig = field(default_factory=SSCAMConfig)
+    class_model: ClassModelConfig = field(default_factory=ClassModelConfig)  # run once, not per image
 
 
 @dataclass

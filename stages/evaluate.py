@@ -15,6 +15,7 @@ from pipeline.evaluation import (
     gt_masks,
     plot_sweep,
 )
+from pipeline.maps.generate import is_per_image
 from pipeline.runfolder import (
     Stage,
     fingerprint,
@@ -49,7 +50,7 @@ def run(cfg: Config, force: bool = False) -> None:
                     cfg.data.root, cfg.maps.split)
     else:
         metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep)
-                           for m in cfg.maps.methods}
+                           for m in cfg.maps.methods if is_per_image(m)}
         for m, result in metrics["maps"].items():
             if "sweep" in result:
                 plot_sweep(result, m, run_dir / "plots" / f"sweep_{m}.png")

@@ -1,4 +1,5 @@
-"""Stage 2: class maps of every configured method -> maps/<method>/<id>.npz (multi-scale + flip)."""
+"""Stage 2: class maps of every configured method -> maps/<method>/<id>.npz (multi-scale + flip);
+run-once methods (class_model) -> maps/<method>.png + .json."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pipeline.data import load_dataset
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.maps import get_map_method
-from pipeline.maps.generate import generate_maps
+from pipeline.maps.generate import generate_maps, method_outputs
 from pipeline.models import load_classifier
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import dataset_fingerprint, log
@@ -24,13 +25,13 @@ def run(cfg: Config, force: bool = False) -> None:
     if stage.is_done() and not force:
         log.info("make_maps: up to date, skipped")
         return
-    resuming = stage.begin(outputs=[run_dir / "maps" / name for name in m.methods], fresh=force)
-
     device = resolve_device(cfg.device)
     net, ckpt = load_classifier(run_dir / "classifier.pt", device)
     if ckpt["classes"] != ds.classes:
         raise UserError(f"{run_dir / 'classifier.pt'}: trained on other classes than {cfg.data.root} has; "
                         "rerun train_classifier with --force")
+    outputs = [p for name in m.methods for p in method_outputs(run_dir / "maps", name)]
+    resuming = stage.begin(outputs=outputs, fresh=force)
     log.info("make_maps: %s on %d %s images, scales %s%s", ", ".join(m.methods), len(ds), m.split, m.scales,
              " + flip" if m.flip else "")
     n = generate_maps(net, ckpt, ds, m, run_dir / "maps", device, skip_existing=resuming)

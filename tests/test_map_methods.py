@@ -96,7 +96,8 @@ def test_guided_backprop_matches_captum(net, batch):
     ours = get_map_method("guided")(net, x, classes)
     theirs = _per_class(GuidedBackprop(net).attribute, x, classes)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert all(m.inplace for m in net.modules() if isinstance(m, nn.ReLU))  # hooks undone
+    relus = [m for m in net.modules() if isinstance(m, nn.ReLU)]
+    assert all(m.inplace and not m._forward_hooks for m in relus)  # hooks undone
 
 
 @pytest.mark.parametrize(("mode", "nt_type"), [("mean", "smoothgrad"), ("square", "smoothgrad_sq")])
@@ -128,6 +129,23 @@ def test_smoothgrad_options(net, batch):
     torch.testing.assert_close(wrapped, get_map_method("guided")(net, x, classes), atol=1e-5, rtol=1e-5)
     ig0 = get_map_method("smoothgrad")(net, x, classes, base="ig", n=2, seed=1, sigma=0.0, mode="mean", steps=4)
     torch.testing.assert_close(ig0, get_map_method("ig")(net, x, classes, steps=4), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["saliency", "ig", "guided", "smoothgrad"])
+def test_gradient_methods_run_in_fp32_under_autocast(net, batch, name):
+    x, classes = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = get_map_method(name)(net, x, classes)
+    torch.testing.assert_close(amp, get_map_method(name)(net, x, classes))
+
+
+def test_gradcam_restores_the_grad_mode(net, batch):
+    x, classes = batch
+    with torch.no_grad():
+        get_map_method("gradcam")(net, x, classes)
+        assert not torch.is_grad_enabled()
+    get_map_method("gradcam")(net, x, classes)
+    assert torch.is_grad_enabled()
 
 
 @pytest.mark.parametrize("name", ["cam", "gradcam", "saliency", "ig", "guided", "smoothgrad"])

@@ -3,6 +3,13 @@
 Every method is ``method(model, images: Tensor[B,3,H,W], classes: Tensor[B,C] bool) -> Tensor[B,C,H,W]``:
 float, >= 0, per-class maps at input resolution, zero for the classes not asked for. Batching, AMP and
 the device are the caller's concern.
+
+Run-once methods share the registry, so that configs name them alike (``maps.methods: [cam, class_model]``),
+but map no image: they carry the attribute ``per_image = False`` and are called once per run as
+``method(model, checkpoint, png, json, **options)``, writing ``maps/<name>.png`` and then
+``maps/<name>.json``. ``class_model`` (Simonyan et al. 2014's class model visualisation) is one;
+``is_per_image`` and ``method_outputs`` in ``pipeline.maps.generate`` tell the kinds apart, and
+evaluation scores the per-image methods only.
 """
 
 from __future__ import annotations
@@ -29,4 +36,6 @@ def configured_method(name: str, options: object | None = None) -> MapMethod:
     return functools.partial(fn, **dataclasses.asdict(options)) if options is not None else fn
 
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)
+from pipeline.maps import class_model as _class_model  # noqa: E402,F401
 from pipeline.maps import gradients as _gradients  # noqa: E402,F401
+from pipeline.maps import scorecam as _scorecam  # noqa: E402,F401

@@ -13,6 +13,8 @@ from pipeline.models.backbones import Backbone
 
 
 class CAMNet(nn.Module):
+    multilabel = True  # trained with BCE: class probabilities are sigmoids of the scores (read by Score-CAM)
+
     def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
         self.backbone = backbone.body
