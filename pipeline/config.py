@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class ClassModelConfig:
 @dataclass
 class MapsConfig:
     split: str = "train"
+    limit: int | None = None  # only the first this many images of the split (maps, refine, export, evaluate)
     methods: list[str] = field(default_factory=lambda: ["cam"])
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
@@ -210,6 +212,9 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -243,6 +248,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as text
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -291,8 +298,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, last = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: config key '{'.'.join(parents[:i + 1])}' is a value, not a section")
         node[last] = value
     try:
         return config_from_dict(values)

@@ -14,3 +14,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset file is missing, unreadable or inconsistent."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), to quote in a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

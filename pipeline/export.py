@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
+from pipeline.errors import DataError, UserError
 from pipeline.runfolder import atomic_dir, write_json, write_text
 
 
@@ -31,13 +32,11 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
             (tmp / sub).mkdir(parents=True)
         for s in tqdm(ds.samples, desc="export", leave=False):
             src = refined_dir / f"{s.id}.png"
+            if not src.exists():
+                raise DataError(f"{src}: refined label map not found (run the refine stage)")
             label = read_mask(src)
             shutil.copyfile(src, tmp / "SegmentationClass" / f"{s.id}.png")
-            dst = tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}"
-            if images == "link":
-                os.symlink(s.image_path.resolve(), dst)
-            else:
-                shutil.copyfile(s.image_path, dst)
+            _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}", images)
             counts = np.bincount(label.ravel(), minlength=256)
             n = label.size
             manifest["images"][s.id] = {
@@ -54,3 +53,14 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         manifest["summary"] = {"images": len(ids), "mean_ignore_ratio": round(float(np.mean(ratios)), 4)}
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _place_image(src: Path, dst: Path, images: str) -> None:
+    if images == "copy":
+        shutil.copyfile(src, dst)
+        return
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError as exc:
+        raise UserError(f"{dst.parent}: cannot make symbolic links here ({exc.strerror}); "
+                        "set export.images: copy") from None

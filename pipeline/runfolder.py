@@ -43,20 +43,31 @@ def voc_palette() -> list[int]:
     return palette
 
 
+TEMP_SUFFIX = ".tmp"  # atomic writes go to ``.<name>.<random>.tmp`` first
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename it into place: readers never see half a file."""
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write the run folder ({exc.strerror})") from None
-    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot write the run folder ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # gone already after the rename
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temp files of atomic writes that a killed process left behind anywhere under ``folder``."""
+    for tmp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -138,7 +149,8 @@ class Stage:
         """Start (or resume) the stage. Returns True when resuming a partial run with the same fingerprint.
 
         Starting afresh removes the stage's previous per-item outputs (``outputs``: folders) and
-        marker, so nothing stale survives. ``fresh`` (``--force``) never resumes.
+        marker, so nothing stale survives. ``fresh`` (``--force``) never resumes. Either way, the temp
+        files of a killed run are removed: every finished file was renamed into place, so none is lost.
         """
         resuming = False
         if self.partial_path.exists() and not fresh:
@@ -147,6 +159,7 @@ class Stage:
             except (OSError, ValueError):
                 resuming = False
         self.done_path.unlink(missing_ok=True)
+        remove_temp_files(self.run)
         if not resuming:
             for out in map(Path, outputs):
                 if out.is_dir():

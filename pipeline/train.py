@@ -21,6 +21,7 @@ from pipeline.config import ClassifierConfig
 from pipeline.data import SegDataset, read_image
 from pipeline.data.transforms import classifier_eval_transform, classifier_train_transform, to_chw
 from pipeline.device import autocast
+from pipeline.errors import ConfigError, first_line
 from pipeline.metrics import mean_average_precision
 from pipeline.runfolder import save_torch
 
@@ -62,6 +63,18 @@ def predict_scores(net: nn.Module, data: LabelledImages, device: torch.device, b
     return torch.cat(out).numpy()
 
 
+def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The state saved after the last finished epoch of a run with this fingerprint, if there is one."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: start afresh rather than fail
+        log.warning("%s: unreadable (%s); training starts from epoch 1", path, first_line(exc))
+        return None
+    return state if isinstance(state, dict) and state.get("fingerprint") == fingerprint else None
+
+
 def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: ClassifierConfig,
                      train_ds: SegDataset, val_ds: SegDataset | None, mean, std, device: torch.device,
                      seed: int, resume_path: Path, fingerprint: str) -> list[dict[str, Any]]:
@@ -84,14 +97,13 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
 
     history: list[dict[str, Any]] = []
     start = 0
-    if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            history, start = state["history"], state["epoch"]
-            log.info("resuming classifier training after epoch %d", start)
+    state = _resume_state(resume_path, fingerprint)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+        log.info("resuming classifier training after epoch %d", start)
 
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 1000 + epoch)
@@ -106,6 +118,9 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device):
                 loss = criterion(net(x).float(), y)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"config key 'classifier.lr': training diverged (loss {loss.item()} in epoch "
+                                  f"{epoch + 1}); lower classifier.lr (now {cfg.lr}) and rerun train_classifier")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from pipeline.config import Config
-from pipeline.data import load_dataset
+from pipeline.data import check_mask_sizes
 from pipeline.evaluation import (
     evaluate_baselines,
     evaluate_labels,
@@ -25,22 +25,24 @@ from pipeline.runfolder import (
     write_json,
     write_text,
 )
-from stages.common import log
+from stages.common import log, maps_dataset, masks_fingerprint
 
 UPSTREAM = ("train_classifier", "make_maps", "refine", "export")
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir = cfg.run_path
-    fp = fingerprint(cfg.section_hash("evaluate"), [stage_fingerprint(run_dir, s) for s in UPSTREAM])
+    ds = maps_dataset(cfg)
+    fp = fingerprint(cfg.section_hash("evaluate"), [stage_fingerprint(run_dir, s) for s in UPSTREAM],
+                     masks_fingerprint(ds))
     stage = Stage(run_dir, "evaluate", fp)
     if stage.is_done() and not force:
         log.info("evaluate: up to date, skipped\n%s", format_table(read_json(run_dir / "metrics.json")))
         return
+    check_mask_sizes(ds)
     stage.begin(fresh=force)
     t0 = time.perf_counter()
 
-    ds = load_dataset(cfg.data, cfg.maps.split)
     gts = gt_masks(ds)
     train_done = run_dir / "train_classifier.done.json"
     metrics: dict = {"classifier": {"val_map": read_json(train_done).get("val_map") if train_done.exists()

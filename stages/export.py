@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.data import load_dataset
 from pipeline.errors import ConfigError
 from pipeline.export import export_pseudo_masks
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log
+from stages.common import log, maps_dataset
 
 # Best first, as measured on MSRC-21 (train and val) and the synthetic set; see the README's Refinement table.
 REFINER_PREFERENCE = ("graphcut", "crf", "threshold")
@@ -35,7 +34,7 @@ def run(cfg: Config, force: bool = False) -> None:
         return
     stage.begin(fresh=force)
 
-    ds = load_dataset(cfg.data, cfg.maps.split)
+    ds = maps_dataset(cfg)
     manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
                                    provenance={"refiner": refiner, "map_method": cfg.refine.method})
     log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner,

@@ -4,21 +4,20 @@ run-once methods (class_model) -> maps/<method>.png + .json."""
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.data import load_dataset
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.maps import get_map_method
 from pipeline.maps.generate import generate_maps, method_outputs
 from pipeline.models import load_classifier
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import dataset_fingerprint, log
+from stages.common import dataset_fingerprint, log, maps_dataset
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, m = cfg.run_path, cfg.maps
     for name in m.methods:
         get_map_method(name)
-    ds = load_dataset(cfg.data, m.split)
+    ds = maps_dataset(cfg)
     fp = fingerprint(cfg.section_hash("data", "maps"), stage_fingerprint(run_dir, "train_classifier"),
                      dataset_fingerprint(ds))
     stage = Stage(run_dir, "make_maps", fp)

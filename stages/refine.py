@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.data import load_dataset
 from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log
+from stages.common import log, maps_dataset
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -21,7 +20,7 @@ def run(cfg: Config, force: bool = False) -> None:
         return
     resuming = stage.begin(outputs=[run_dir / "refined" / name for name in r.refiners], fresh=force)
 
-    ds = load_dataset(cfg.data, cfg.maps.split)
+    ds = maps_dataset(cfg)
     log.info("refine: %s on %s maps, %d images, %d workers", ", ".join(r.refiners), r.method, len(ds),
              resolve_workers(r.workers))
     for name in r.refiners:

@@ -9,14 +9,15 @@ from pipeline.models import build_classifier, classifier_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, write_json
 from pipeline.train import train_classifier
-from stages.common import dataset_fingerprint, log
+from stages.common import dataset_fingerprint, log, weights_fingerprint
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, c = cfg.run_path, cfg.classifier
     train_ds = load_dataset(cfg.data, cfg.data.train_split)
     val_ds = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
-    fp = fingerprint(cfg.section_hash("data", "classifier"), cfg.seed, dataset_fingerprint(train_ds))
+    fp = fingerprint(cfg.section_hash("data", "classifier"), cfg.seed, dataset_fingerprint(train_ds),
+                     dataset_fingerprint(val_ds) if val_ds else None, weights_fingerprint(c.pretrained))
     stage = Stage(run_dir, "train_classifier", fp)
     if stage.is_done() and not force:
         log.info("train_classifier: up to date, skipped")

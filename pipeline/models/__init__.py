@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.models.backbones import BACKBONES, Backbone, create_backbone
 from pipeline.models.cam_net import CAMNet
 
@@ -34,8 +34,12 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: classifier checkpoint not found (run the train_classifier stage first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]))
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]))
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in torch.load, a foreign one on its keys
+        raise UserError(f"{path}: not a readable classifier checkpoint ({first_line(exc)}); "
+                        "rerun train_classifier with --force") from None
     net.requires_grad_(False)  # inference only: map methods take gradients w.r.t. inputs/activations
     return net.to(device).eval(), ckpt

@@ -16,10 +16,10 @@ whose map is all zero claims nothing; one whose mask leaves fewer than ``_MIN_SA
 either side (too few to fit a GMM) claims its initial probably-foreground region unchanged.
 
 Combining the cuts (``overlap``):
-- a pixel claimed by one or more cuts takes one of those classes: with ``relative`` (default) the one
-  whose map value divided by that map's mean over the image is highest (a broad "stuff" map such as
-  grass does not outvote a peaked object map on the object), with ``map`` the highest map value, with
-  ``smallest`` the class whose cut claims the fewest pixels (the more specific one; ties by map value);
+- a pixel claimed by one or more cuts takes one of those classes: with ``smallest`` (default) the class
+  whose cut claims the fewest pixels (the more specific one, e.g. the cow rather than the grass around
+  it; ties by map value), with ``relative`` the one whose map value divided by that map's mean over the
+  image is highest, with ``map`` the highest map value;
 - a pixel claimed by no cut is background with a background class; without one, it takes the argmax of
   all the image's maps (the present classes compete, as in the threshold refiner).
 - ``ignore_uncertain`` marks 255 where no cut is confident: without a background class every pixel no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.config import RefineConfig
 from pipeline.data import SegDataset, read_image
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.maps.io import load_maps
 from pipeline.refine import get_refiner
 from pipeline.runfolder import save_label_png
@@ -45,7 +46,10 @@ def _run_one(job: _Job) -> str:
     refiner = get_refiner(job.refiner)
     maps, classes = load_maps(job.map_path, list(job.class_names))
     image = read_image(job.image_path) if refiner.needs_image else None
-    label = refiner.fn(maps, classes, image, job.background, job.cfg)
+    try:
+        label = refiner.fn(maps, classes, image, job.background, job.cfg)
+    except DataError as exc:
+        raise DataError(f"{job.map_path}: {exc}") from None
     allowed = set((classes + int(job.background)).tolist()) | {255} | ({0} if job.background else set())
     stray = set(np.unique(label).tolist()) - allowed
     if stray:  # a refiner bug, not a user error
@@ -69,8 +73,14 @@ def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cf
             _run_one(job)
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # On an error or Ctrl-C, map's iterator cancels the queued images; the running ones finish.
+        with ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint) as pool:
             for _ in pool.map(_run_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
                 bar.update()
     bar.close()
     return len(jobs)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which stops the pool: no traceback from an idle worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
