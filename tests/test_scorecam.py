@@ -130,9 +130,10 @@ def test_chunks_and_one_set_of_masked_forwards_per_image(tiny, batch):
         for chunk in (1, 3, 10_000):
             sizes.clear()
             maps[chunk] = get_map_method("scorecam")(tiny, x, classes, chunk=chunk)
-            # the images (for A), the constant baseline once, then the 13 distinct non-constant channels x the
-            # 2 images with classes, whatever the number of classes asked for
-            assert sizes[:2] == [3, 1] and sum(sizes[2:]) == 26 and max(sizes[2:]) == min(chunk, 26)
+            # the images (for A), the first image through the model and its folded copy (the fold's check),
+            # the constant baseline once, then the 13 distinct non-constant channels x the 2 images with
+            # classes, whatever the number of classes asked for
+            assert sizes[:4] == [3, 1, 1, 1] and sum(sizes[4:]) == 26 and max(sizes[4:]) == min(chunk, 26)
     finally:
         handle.remove()
     torch.testing.assert_close(maps[1], maps[10_000], atol=1e-6, rtol=1e-5)

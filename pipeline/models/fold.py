@@ -1,0 +1,73 @@
+"""Inference copies of a classifier: BatchNorm folded into the convolution before it, channels_last.
+
+In eval mode a BatchNorm is an affine map per channel, y = (x - mean) * s + beta with
+s = gamma / sqrt(var + eps). When it directly follows a convolution (w, b), the two are one convolution:
+w' = w * s (per output channel), b' = (b - mean) * s + beta. Folding saves one pass over every feature
+map, about 1.2x per forward on CPU, for the map methods that run many forwards (Score-CAM, SS-CAM).
+
+Which BatchNorm follows which convolution is read from the module tree (a convolution and the
+BatchNorm registered right after it in the same parent, as torchvision's ResNets and timm's
+EfficientNets are written), not from a trace: torch.fx cannot trace timm's same-padding convolutions.
+So the copy is checked: it must give the model's scores on a probe input, or the unfolded
+(channels_last) copy is used instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    shift = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0.0)
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter(shift, requires_grad=False)
+
+
+def _what_remains(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """The module that replaces a folded BatchNorm: nothing, or the dropout + activation of timm's
+    BatchNormAct2d; None for another subclass, whose extra behaviour is unknown."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if hasattr(bn, "act") and hasattr(bn, "drop") and type(bn).__name__ == "BatchNormAct2d":
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode ``model`` with every BatchNorm that follows a convolution folded into it."""
+    folded = copy.deepcopy(model).eval()
+    for parent in list(folded.modules()):
+        names = list(parent._modules)
+        for conv_name, bn_name in zip(names, names[1:], strict=False):
+            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels):
+                continue
+            remains = _what_remains(bn)
+            if remains is not None:
+                _fold_into(conv, bn)
+                parent._modules[bn_name] = remains
+    return folded
+
+
+@torch.no_grad()
+def inference_copy(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> nn.Module:
+    """A frozen channels_last copy of ``model`` for forward-only use, BatchNorm folded when that gives the
+    model's scores on ``probe`` (a [1,3,H,W] input) within ``rtol`` of their scale. ``model`` is left as is."""
+    probe = probe.float().contiguous(memory_format=torch.channels_last)
+    with torch.autocast(probe.device.type, enabled=False):
+        expected = model(probe).float()
+        if not model.training:
+            folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
+            error = (folded(probe).float() - expected).abs().max()
+            if error <= rtol * (1.0 + expected.abs().max()):
+                return folded.requires_grad_(False)
+    return copy.deepcopy(model).to(memory_format=torch.channels_last).requires_grad_(False)

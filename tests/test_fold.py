@@ -1,0 +1,54 @@
+"""Folding BatchNorm into convolutions gives the same scores, on torchvision and timm networks."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.models import build_classifier
+from pipeline.models.fold import fold_batchnorm, inference_copy
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so that a wrong fold shows
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _count_bn(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_batchnorm_keeps_the_scores_of_a_resnet_and_an_efficientnet():
+    x = torch.randn(2, 3, 64, 80)
+    resnet = _randomise_bn(torchvision.models.resnet18(num_classes=5))
+    lite0, _ = build_classifier("cam", "tf_efficientnet_lite0", "none", 5)
+    for model in (resnet, _randomise_bn(lite0)):
+        folded = fold_batchnorm(model)
+        assert _count_bn(model) >= 20 and _count_bn(folded) == 0  # every BatchNorm folded
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+        assert _count_bn(model) >= 20  # the model itself is untouched
+
+
+def test_inference_copy_falls_back_when_folding_would_change_the_scores():
+    class BatchNormFirst(nn.Module):  # registered conv, bn, but the BatchNorm runs before the convolution
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x)).mean((2, 3))
+
+    model = _randomise_bn(BatchNormFirst())
+    x = torch.randn(1, 3, 16, 16)
+    assert _count_bn(fold_batchnorm(model)) == 0  # the module-tree rule alone would fold it ...
+    copy = inference_copy(model, x)
+    assert _count_bn(copy) == 1  # ... the probe catches it and the copy keeps its BatchNorm
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x))
