@@ -110,7 +110,7 @@ class ClassModelConfig:
 @dataclass
 class MapsConfig:
     split: str = "train"
-    limit: int | None = None  # only the first this many images of the split (maps, refine, export, evaluate)
+    limit: int | None = None  # only this many images, spread evenly over the split (maps, refine, export, evaluate)
     methods: list[str] = field(default_factory=lambda: ["cam"])
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True

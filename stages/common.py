@@ -13,10 +13,12 @@ log = logging.getLogger("stages")
 
 
 def maps_dataset(cfg: Config) -> SegDataset:
-    """The images that get maps, refined labels and pseudo-masks: ``maps.split``, its first ``maps.limit``."""
+    """The images that get maps, refined labels and pseudo-masks: ``maps.split``, or ``maps.limit`` of its
+    images spread evenly over it (a split file is often sorted by class: its first images show few classes)."""
     ds = load_dataset(cfg.data, cfg.maps.split)
-    if cfg.maps.limit is not None:
-        ds.samples = ds.samples[: cfg.maps.limit]
+    n, limit = len(ds.samples), cfg.maps.limit
+    if limit is not None and limit < n:
+        ds.samples = [ds.samples[i * n // limit] for i in range(limit)]
     return ds
 
 

@@ -103,3 +103,17 @@ def test_read_image_modes_and_errors(tmp_path):
     Image.fromarray(np.zeros((5, 6), np.uint8), mode="L").save(m)
     with pytest.raises(DataError, match="mask size 6x5 differs from its image 7x5"):
         read_mask(m, (5, 7))
+
+
+def test_maps_limit_spreads_the_images_over_the_split(tiny_voc):
+    from pipeline.config import config_from_dict
+    from stages.common import maps_dataset
+
+    root = tiny_voc(background=True)
+    (root / "ImageSets/Segmentation/train.txt").write_text("a\nb\nc\nd\n")
+    ids = {}
+    for limit in (None, 2, 3, 9):
+        cfg = config_from_dict({"data": {"kind": "voc", "root": str(root)}, "maps": {"limit": limit}})
+        ids[limit] = [s.id for s in maps_dataset(cfg).samples]
+    assert ids[None] == ids[9] == ["a", "b", "c", "d"]
+    assert ids[2] == ["a", "c"] and ids[3] == ["a", "b", "c"]
