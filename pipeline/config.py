@@ -40,8 +40,15 @@ class DataConfig:
 
 
 @dataclass
+class ACoLConfig:
+    """ACoL (Zhang et al. 2018); see pipeline/models/acol_net.py."""
+
+    delta: float = 0.6  # erase the feature positions where A's max-normalised map >= delta from B's input
+
+
+@dataclass
 class ClassifierConfig:
-    model: Literal["cam"] = "cam"
+    model: Literal["cam", "acol"] = "cam"
     backbone: str = "smallcnn"
     pretrained: str = "none"  # none | imagenet | packaged | <path to a state dict>
     input_size: int = 128
@@ -51,6 +58,7 @@ class ClassifierConfig:
     backbone_lr_mult: float = 1.0
     weight_decay: float = 1e-4
     workers: int = 0
+    acol: ACoLConfig = field(default_factory=ACoLConfig)  # options of model acol (bound by name: classifier.<model>)
 
 
 @dataclass

@@ -27,9 +27,15 @@ def gt_masks(ds: SegDataset) -> dict[str, np.ndarray]:
     return {s.id: read_mask(s.mask_path) for s in tqdm(ds.samples, desc="read GT", leave=False) if s.mask_path}
 
 
+def mean_recall(conf: ConfusionMatrix, ds: SegDataset) -> float:
+    """How much of each object the prediction covers: recall averaged over the classes, background left out."""
+    return float(np.nanmean(conf.scores()["recall"][int(ds.background):]))
+
+
 def _summary(conf: ConfusionMatrix, ds: SegDataset) -> dict[str, Any]:
-    return {"miou": round(conf.miou(), 4), "pixel_accuracy": round(conf.pixel_accuracy(), 4),
-            "ignore_ratio": round(conf.ignore_ratio(), 4), "per_class": conf.per_class(ds.label_names)}
+    return {"miou": round(conf.miou(), 4), "mean_recall": round(mean_recall(conf, ds), 4),
+            "pixel_accuracy": round(conf.pixel_accuracy(), 4), "ignore_ratio": round(conf.ignore_ratio(), 4),
+            "per_class": conf.per_class(ds.label_names)}
 
 
 def evaluate_maps(ds: SegDataset, gts: dict[str, np.ndarray], maps_dir: Path,

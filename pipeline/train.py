@@ -1,4 +1,7 @@
-"""Training of the CAM classifier on image-level labels: multi-label BCE, AdamW with a cosine schedule.
+"""Training of the classifier on image-level labels: multi-label BCE, AdamW with a cosine schedule.
+
+A model with a ``training_losses(x, targets) -> {name: loss}`` method (ACoL: BCE of branch A and of
+branch B) is trained on the sum of its losses, each logged per epoch as ``loss_<name>``.
 
 Resumable: the state after each epoch goes to a resume file; a rerun with the same fingerprint
 continues from the last finished epoch and gives the same weights as an uninterrupted run.
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -63,6 +67,13 @@ def predict_scores(net: nn.Module, data: LabelledImages, device: torch.device, b
     return torch.cat(out).numpy()
 
 
+def training_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's own ``training_losses`` if it has them, else the multi-label BCE of its scores."""
+    if hasattr(net, "training_losses"):
+        return net.training_losses(x, y)
+    return {"bce": F.binary_cross_entropy_with_logits(net(x).float(), y)}
+
+
 def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The state saved after the last finished epoch of a run with this fingerprint, if there is one."""
     if not path.exists():
@@ -93,7 +104,6 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
     warmup = min(steps_per_epoch, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * s / total)))
-    criterion = nn.BCEWithLogitsLoss()
 
     history: list[dict[str, Any]] = []
     start = 0
@@ -112,12 +122,13 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
                             num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
                             persistent_workers=False)
         net.train()
-        losses = []
+        losses: dict[str, list[float]] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device):
-                loss = criterion(net(x).float(), y)
+                parts = training_losses(net, x, y)
+            loss = sum(parts.values())
             if not torch.isfinite(loss):
                 raise ConfigError(f"config key 'classifier.lr': training diverged (loss {loss.item()} in epoch "
                                   f"{epoch + 1}); lower classifier.lr (now {cfg.lr}) and rerun train_classifier")
@@ -125,9 +136,12 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+            for name, value in {"loss": loss, **parts}.items():
+                losses.setdefault(name, []).append(value.item())
+            bar.set_postfix(loss=f"{losses['loss'][-1]:.3f}")
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses["loss"]))}
+        if len(parts) > 1:
+            entry.update({f"loss_{name}": float(np.mean(losses[name])) for name in parts})
         if val is not None:
             entry["val_map"] = mean_average_precision(predict_scores(net, val, device, cfg.batch_size), val.targets)
         history.append(entry)

@@ -1,6 +1,8 @@
-"""Stage 1: train the CAM classifier on image-level labels -> classifier.pt, train_log.json, curves."""
+"""Stage 1: train the classifier (CAM or ACoL) on image-level labels -> classifier.pt, train_log.json, curves."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from pipeline.config import Config
 from pipeline.data import load_dataset
@@ -27,7 +29,9 @@ def run(cfg: Config, force: bool = False) -> None:
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    net, backbone = build_classifier(c.model, c.backbone, c.pretrained, train_ds.num_classes)
+    options = getattr(c, c.model, None)  # the model's options, if it has any: classifier.<model> (acol: delta)
+    net, backbone = build_classifier(c.model, c.backbone, c.pretrained, train_ds.num_classes,
+                                     dataclasses.asdict(options) if options is not None else None)
     log.info("train_classifier: %s/%s on %d images (%s), %d epochs", c.model, c.backbone, len(train_ds),
              device, c.epochs)
     history = train_classifier(net, list(net.backbone.parameters()), c, train_ds, val_ds, backbone.mean,

@@ -35,6 +35,7 @@ def configured_method(name: str, options: object | None = None) -> MapMethod:
     fn = get_map_method(name)
     return functools.partial(fn, **dataclasses.asdict(options)) if options is not None else fn
 
+from pipeline.maps import acol as _acol  # noqa: E402,F401
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)
 from pipeline.maps import class_model as _class_model  # noqa: E402,F401
 from pipeline.maps import gradients as _gradients  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Models: backbones by name, the CAM classifier, and its checkpoint."""
+"""Models: backbones by name, the classifiers (CAM, ACoL), and their checkpoint."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError, first_line
+from pipeline.models.acol_net import ACoLNet
 from pipeline.models.backbones import BACKBONES, Backbone, create_backbone
 from pipeline.models.cam_net import CAMNet
 
-__all__ = ["BACKBONES", "Backbone", "CAMNet", "build_classifier", "load_classifier", "classifier_state"]
+__all__ = ["ACoLNet", "BACKBONES", "Backbone", "CAMNet", "build_classifier", "load_classifier", "classifier_state"]
 
-MODELS = {"cam": CAMNet}
+MODELS = {"cam": CAMNet, "acol": ACoLNet}
 
 
-def build_classifier(model: str, backbone: str, pretrained: str, num_classes: int) -> tuple[nn.Module, Backbone]:
+def build_classifier(model: str, backbone: str, pretrained: str, num_classes: int,
+                     options: dict[str, Any] | None = None) -> tuple[nn.Module, Backbone]:
+    """The classifier ``model`` on backbone ``backbone``; ``options`` are the model's (e.g. ACoL's delta)."""
     bb = create_backbone(backbone, pretrained)
-    return MODELS[model](bb, num_classes), bb
+    return MODELS[model](bb, num_classes, **(options or {})), bb
 
 
 def classifier_state(net: nn.Module, *, model: str, backbone: Backbone, backbone_name: str,
