@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,6 +34,14 @@ def configured_method(name: str, options: object | None = None) -> MapMethod:
     """The method ``name`` with its options (a config dataclass, e.g. ``maps.smoothgrad``) bound."""
     fn = get_map_method(name)
     return functools.partial(fn, **dataclasses.asdict(options)) if options is not None else fn
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices of at most ``size`` (at least 1) rows covering ``range(n)``: how the methods bound their memory."""
+    size = max(1, size)
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
 
 from pipeline.maps import acol as _acol  # noqa: E402,F401
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.maps import register_map
+from pipeline.maps import chunks, register_map
 
 # (model, x [R,3,H,W], targets [R,k]) -> attribution [R,k,3,H,W] of each row for each of its k classes
 Attribution = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,11 +75,6 @@ def saliency_attribution(model: nn.Module, x: torch.Tensor, targets: torch.Tenso
     return input_gradients(model, x, targets)
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, max(1, size)):
-        yield slice(start, min(n, start + max(1, size)))
-
-
 def ig_attribution(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int = 16,
                    baseline: str | float = 0.0, chunk: int = 64) -> torch.Tensor:
     """Integrated Gradients with Gauss-Legendre nodes on [0, 1]; ``baseline``: a value or ``mean``."""
@@ -92,7 +87,7 @@ def ig_attribution(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, ste
     # rows ordered (step, sample); chunks of at most `chunk` rows bound the memory
     flat_alpha, flat_weight = alphas.repeat_interleave(n), weights.repeat_interleave(n)
     flat_idx = torch.arange(n, device=x.device).repeat(steps)
-    for sl in _chunks(steps * n, chunk):
+    for sl in chunks(steps * n, chunk):
         a, i = flat_alpha[sl].view(-1, 1, 1, 1), flat_idx[sl]
         grads = input_gradients(model, base[i] + a * (x[i] - base[i]), targets[i])
         total.index_add_(0, i, grads * flat_weight[sl].view(-1, 1, 1, 1, 1))
@@ -180,7 +175,7 @@ def smoothgrad_attribution(fn: Attribution, model: nn.Module, noisy: torch.Tenso
     row_targets = targets.repeat_interleave(n, dim=0)
     row_image = torch.arange(g, device=noisy.device).repeat_interleave(n)
     total = noisy.new_zeros((g, targets.shape[1], *noisy.shape[2:]))
-    for sl in _chunks(g * n, chunk):
+    for sl in chunks(g * n, chunk):
         a = fn(model, rows[sl], row_targets[sl], **kw)
         total.index_add_(0, row_image[sl], a.abs() if mode == "abs" else a * a if mode == "square" else a)
     return total / n

@@ -51,14 +51,15 @@ variant.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import register_map
+from pipeline.maps import chunks, register_map
+from pipeline.maps.cam import upsampled_pairs
 from pipeline.models.fold import inference_copy
 
 Probability = Literal["auto", "sigmoid", "softmax", "logit"]
@@ -124,12 +125,6 @@ def channel_masks(acts: torch.Tensor, b: torch.Tensor, k: torch.Tensor, size: to
     return (up - lo) / (hi - lo).clamp_min(torch.finfo(up.dtype).tiny)  # a map flattened by U gives H = 0
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    size = max(1, size)
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 @torch.no_grad()
 def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "backbone",
                            baseline: float | str = 0.0, probability: Probability = "auto", chunk: int = 64,
@@ -156,7 +151,7 @@ def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torc
     gen = torch.Generator(device=images.device).manual_seed(seed)
     rows = shared.unique().repeat_interleave(n)  # rows (pair, sample) of the pairs forwarded, in pair order
     total = p_b.new_zeros((b.numel(), p_b.shape[1]))
-    for sl in _chunks(rows.numel(), chunk):
+    for sl in chunks(rows.numel(), chunk):
         rb, rk = b[rows[sl]], k[rows[sl]]
         masks = channel_masks(acts, rb, rk, images.shape[-2:])
         if variant == "activation" and sigma > 0:
@@ -171,10 +166,10 @@ def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torc
 
 
 def weighted_maps(acts: torch.Tensor, alpha: torch.Tensor, classes: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """L^c = U(ReLU(sum_k a_k^c A^k)) for the requested classes, zero for the others -> [B,C,H,W]."""
-    maps = F.relu(torch.einsum("bck,bkhw->bchw", alpha, acts))
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return maps * classes[:, :, None, None].to(maps.dtype)
+    """L^c = U(ReLU(sum_k a_k^c A^k)) for the requested classes only, zero for the others -> [B,C,H,W]."""
+    b, c = classes.nonzero(as_tuple=True)
+    maps = F.relu(torch.einsum("pk,pkhw->phw", alpha[b, c], acts[b]))
+    return upsampled_pairs(maps, b, c, classes, size)
 
 
 @register_map("scorecam")
