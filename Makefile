@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WSSS := $(PY) -m pipeline.cli
-STAGE_NAMES := train_classifier make_maps refine export evaluate
+STAGE_NAMES := train_classifier make_maps refine export train_segmenter evaluate report
 
-.PHONY: install stages $(STAGE_NAMES) test lint bench clean
+.PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp bench_executors
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 stages: install
 	$(WSSS) all --config $(CONFIG)
+	@$(PY) -m pipeline.report $(CONFIG)
 
 $(STAGE_NAMES): install
 	$(WSSS) $@ --config $(CONFIG)
@@ -31,6 +32,16 @@ test: install
 bench: install
 	$(PY) -m bench.bench_refine
 	$(PY) -m bench.bench_maps $(BENCH_MAPS_ARGS)
+
+# Data-parallel classifier training on NPROC processes (GPUs, or CPU with gloo); README "Scaling".
+NPROC ?= 2
+train_classifier_ddp: install
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m pipeline.cli train_classifier --config $(CONFIG)
+
+# make_maps and refine, local against Ray, on a finished run; e.g.
+# BENCH_EXECUTORS_ARGS='--config configs/msrc21.yaml --source runs/msrc21 --images 48'
+bench_executors: install
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_executors.py $(BENCH_EXECUTORS_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

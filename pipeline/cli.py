@@ -1,4 +1,5 @@
-"""Command line: ``wsss <stage>|all [--config configs/default.yaml] [--force] [--set key=value ...]``.
+"""Command line: ``wsss <stage>|all [--config configs/default.yaml] [--force] [--set key=value ...]``, and
+``wsss predict --images DIR --out DIR [--checkpoint runs/<name>/segmenter.pt] [--crf]``.
 
 Errors a user can cause end in one line naming the file or key, with exit status 2 (no traceback).
 Ctrl-C ends with exit status 130; rerunning the same command resumes where the stage stopped.
@@ -47,20 +48,34 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.distributed import check_torchrun_command, torchrun_rank
     from stages import STAGES
 
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=[*STAGES, "all"], help="the stage to run, or all of them in order")
+    parser.add_argument("stage", choices=[*STAGES, "all", "predict"],
+                        help="the stage to run, all of them in order, or predict (a trained segmenter on a folder)")
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    predict = parser.add_argument_group("predict")
+    predict.add_argument("--images", help="folder of images to segment")
+    predict.add_argument("--out", help="output folder: masks/<image>.png, overlays/<image>.jpg, legend.json")
+    predict.add_argument("--checkpoint", help="segmenter checkpoint (default: <run_dir>/segmenter.pt)")
+    predict.add_argument("--crf", action="store_true", help="dense-CRF post-processing (default: segmenter.crf)")
     args = parser.parse_args(argv)
+    if args.stage == "predict" and not (args.images and args.out):
+        parser.error("predict needs --images DIR and --out DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("wsss")
     try:
         cfg = load_config(args.config, _parse_set(args.set))
-        write_text(cfg.run_path / "config.yaml", dump_config(cfg))
+        if args.stage == "predict":
+            _predict(cfg, args, log)
+            return 0
         names = list(STAGES) if args.stage == "all" else [args.stage]
+        check_torchrun_command(names)  # under torchrun: one training stage only, else a one-line error
+        if torchrun_rank() == 0:
+            write_text(cfg.run_path / "config.yaml", dump_config(cfg))
         for name in names:
             t0 = time.perf_counter()
             STAGES[name](cfg, force=args.force)
@@ -76,6 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _predict(cfg, args: argparse.Namespace, log: logging.Logger) -> None:
+    from pathlib import Path
+
+    from pipeline.device import resolve_device
+    from pipeline.models.segmenter import load_segmenter
+    from pipeline.segmenter.predict import Predictor, predict_folder
+
+    device = resolve_device(cfg.device)
+    path = Path(args.checkpoint) if args.checkpoint else cfg.run_path / "segmenter.pt"
+    net, ckpt = load_segmenter(path, device)
+    crf = cfg.refine.crf if (args.crf or cfg.segmenter.crf) else None
+    names = (["background"] if ckpt["background"] else []) + list(ckpt["classes"])
+    n = predict_folder(Predictor(net, ckpt, device, cfg.segmenter.flip_test, crf), names, Path(args.images),
+                       Path(args.out))
+    log.info("predict: %d images -> %s (masks/, overlays/, legend.json)%s", n, args.out, " with CRF" if crf else "")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class MapsConfig:
     methods: list[str] = field(default_factory=lambda: ["cam"])
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
+    executor: Literal["local", "ray"] = "local"  # ray: per-image maps on a pool of Ray actors (section `ray`)
     # options of the methods that take any (bound by name: maps.<method>)
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     ig: IGConfig = field(default_factory=IGConfig)
@@ -175,9 +176,26 @@ class RefineConfig:
     method: str = "cam"  # the map method whose maps the refiners read
     refiners: list[str] = field(default_factory=lambda: ["threshold", "crf", "graphcut"])
     workers: str = "auto"  # auto = the number of cores, or an integer
+    executor: Literal["local", "ray"] = "local"  # local: a process pool of `workers`; ray: Ray tasks (section `ray`)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     crf: CRFConfig = field(default_factory=CRFConfig)
     graphcut: GraphCutConfig = field(default_factory=GraphCutConfig)
+
+
+@dataclass
+class RayConfig:
+    """Where `maps.executor: ray` and `refine.executor: ray` run; see pipeline/executors.py."""
+
+    # null = start a local Ray instance for the stage; "auto" = the cluster this machine joined (`ray start`);
+    # "ray://<head>:10001" = a remote cluster through Ray Client
+    address: str | None = None
+    num_cpus: int | None = None  # CPUs of a local instance (null = every core); ignored with an address
+    map_actors: int | None = None  # make_maps actors (null = one per GPU, or per cpus_per_actor CPUs without GPUs)
+    gpus_per_actor: float | None = None  # null = 1 when the cluster has GPUs and `device` is not cpu, else 0
+    cpus_per_actor: int = 1  # CPUs (and torch threads) of each make_maps actor
+    cpus_per_task: int = 1  # CPUs of each refine task
+    shard_size: int = 8  # images per task
+    ship_code: bool = False  # send the pipeline's code with the job, for cluster nodes that lack the package
 
 
 @dataclass
@@ -189,8 +207,57 @@ class ExportConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """The downstream segmenter (DeepLabV3 head; see pipeline/models/segmenter.py and pipeline/segmenter/)."""
+
+    enabled: bool = True  # the `all` command (make stages) trains it after export
+    masks: Literal["pseudo", "gt"] = "pseudo"  # train on the exported pseudo-masks, or on the dataset's GT masks
+    upper_bound: bool = True  # with masks: pseudo on a dataset with GT masks, also train the GT twin
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "packaged"  # none | imagenet | packaged | <path to a state dict>
+    output_stride: int | None = None  # 8 or 16 (dilated last stages); None = the backbone's own (smallcnn 8, else 16)
+    channels: int = 128  # width of the ASPP head (torchvision's is 256)
+    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    input_size: int = 256  # images are resized to this longest side, for training (then scaled) and prediction
+    crop_size: int = 256  # training crops (padded with ignore where the scaled image is smaller)
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random rescaling in training
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3  # AdamW, head; cosine schedule with a short warm-up
+    backbone_lr_mult: float = 0.3
+    weight_decay: float = 1e-4
+    workers: int = 0
+    flip_test: bool = True  # predictions average the image and its mirror image
+    crf: bool = False  # dense-CRF post-processing of predictions (kernels of refine.crf); scored beside raw
+
+
+@dataclass
+class FaithfulnessConfig:
+    """Average Drop / Increase in Confidence, deletion / insertion AUC, energy pointing game of every per-image
+    map method; see pipeline/metrics/faithfulness.py."""
+
+    enabled: bool = True
+    limit: int | None = 50  # images, spread evenly over the maps' images (None = all of them)
+    steps: int = 16  # deletion / insertion curves: pixels removed or inserted in this many equal steps
+    batch: int = 32  # perturbed images per forward (on CPU also at most 2^18 pixels): bounds memory
+    deletion_base: Literal["black", "blur"] = "black"  # what deleted pixels become (RISE: black)
+    insertion_base: Literal["blur", "black"] = "blur"  # what insertion starts from (RISE: the image blurred)
+    blur_sigma: float = 0.05  # std of that blur, as a fraction of the image's shorter side
+
+
+@dataclass
 class EvaluateConfig:
     sweep: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+
+
+@dataclass
+class ReportConfig:
+    """report.html: one self-contained page of the run; see pipeline/report/."""
+
+    samples: int = 6  # images in the grid of image | maps | masks | GT, spread evenly over the maps' images
+    thumb: int = 160  # longer side of each tile of the grid, in pixels
+    jpeg_quality: int = 82  # of the embedded photos and overlays
 
 
 @dataclass
@@ -203,8 +270,11 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)  # where executor: ray runs (not part of any fingerprint)
     export: ExportConfig = field(default_factory=ExportConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def run_path(self) -> Path:
@@ -214,11 +284,18 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the named config sections: a stage is stale when its sections change."""
+        """Hash of the named config sections: a stage is stale when its sections change. The keys that only
+        choose where a stage runs (``EXECUTION_KEYS``: its output is the same) are left out."""
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        d = {s: ({k: v for k, v in d[s].items() if k not in EXECUTION_KEYS.get(s, ())} if isinstance(d[s], dict)
+                 else d[s]) for s in sections}
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+# Keys that choose where a stage runs, not what it writes (a local and a Ray run write the same bytes):
+# left out of the stage fingerprints, so switching executor re-runs nothing.
+EXECUTION_KEYS = {"maps": ("executor",), "refine": ("executor",)}
 
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 

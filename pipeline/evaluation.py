@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.config import CRFConfig
 from pipeline.data import SegDataset, read_mask
 from pipeline.data.dataset import Sample
 from pipeline.maps.io import load_maps
@@ -32,7 +33,7 @@ def mean_recall(conf: ConfusionMatrix, ds: SegDataset) -> float:
     return float(np.nanmean(conf.scores()["recall"][int(ds.background):]))
 
 
-def _summary(conf: ConfusionMatrix, ds: SegDataset) -> dict[str, Any]:
+def score_summary(conf: ConfusionMatrix, ds: SegDataset) -> dict[str, Any]:
     return {"miou": round(conf.miou(), 4), "mean_recall": round(mean_recall(conf, ds), 4),
             "pixel_accuracy": round(conf.pixel_accuracy(), 4), "ignore_ratio": round(conf.ignore_ratio(), 4),
             "per_class": conf.per_class(ds.label_names)}
@@ -52,7 +53,7 @@ def evaluate_maps(ds: SegDataset, gts: dict[str, np.ndarray], maps_dir: Path,
             conf.update(gts[s.id], threshold_labels(maps, classes, ds.background, fg=t))
     mious = [c.miou() for c in confs]
     best = int(np.nanargmax(mious))
-    out = _summary(confs[best], ds)
+    out = score_summary(confs[best], ds)
     out["threshold"] = thresholds[best] if ds.background else None
     if ds.background:
         out["sweep"] = {"threshold": thresholds, "miou": [round(m, 4) for m in mious]}
@@ -64,7 +65,7 @@ def evaluate_labels(ds: SegDataset, gts: dict[str, np.ndarray], label_dir: Path)
     for s in tqdm(ds.samples, desc=f"score {label_dir.name}", leave=False):
         if s.id in gts:
             conf.update(gts[s.id], read_mask(label_dir / f"{s.id}.png", gts[s.id].shape))
-    return _summary(conf, ds)
+    return score_summary(conf, ds)
 
 
 def _baseline_label(ds: SegDataset, s: Sample, name: str, frequency: Counter) -> int:
@@ -87,8 +88,37 @@ def evaluate_baselines(ds: SegDataset, gts: dict[str, np.ndarray]) -> dict[str, 
         for s in ds.samples:
             if s.id in gts:
                 conf.update(gts[s.id], np.full_like(gts[s.id], _baseline_label(ds, s, name, frequency)))
-        out[name] = _summary(conf, ds)
+        out[name] = score_summary(conf, ds)
     return out
+
+
+def evaluate_segmenters(run_dir: Path, val: SegDataset, device, flip: bool, crf: CRFConfig | None,
+                        upper_bound: bool) -> dict[str, Any]:
+    """The segmenter (``segmenter.pt``) and, with ``upper_bound``, its GT twin (``segmenter_gt.pt``) on the val
+    split's GT: ``miou``, ``upper_bound_miou`` and ``ratio`` (their quotient), then the same with the CRF
+    post-processing (``crf_*``) when ``crf`` is given; the full scores of each under ``models.<checkpoint name>``."""
+    from pipeline.models.segmenter import load_segmenter
+    from pipeline.segmenter.predict import Predictor, score_segmenter
+
+    scores: dict[str, dict[str, Any]] = {}
+    for name in ("segmenter", "segmenter_gt") if upper_bound else ("segmenter",):
+        path = Path(run_dir) / f"{name}.pt"
+        net, ckpt = load_segmenter(path, device)
+        confs = score_segmenter(Predictor(net, ckpt, device, flip, crf), val, desc=f"score {name}")
+        scores[name] = {"masks": ckpt["masks"], **score_summary(confs["raw"], val)}
+        if "crf" in confs:
+            scores[name]["crf"] = score_summary(confs["crf"], val)
+    main, twin = scores["segmenter"], scores.get("segmenter_gt")
+    out: dict[str, Any] = {"miou": main["miou"]}
+    if "crf" in main:
+        out["crf_miou"] = main["crf"]["miou"]
+    if twin is not None:
+        out["upper_bound_miou"] = twin["miou"]
+        out["ratio"] = round(out["miou"] / max(out["upper_bound_miou"], 1e-9), 4)
+        if "crf" in twin:
+            out["upper_bound_crf_miou"] = twin["crf"]["miou"]
+            out["crf_ratio"] = round(out["crf_miou"] / max(out["upper_bound_crf_miou"], 1e-9), 4)
+    return {**out, "models": scores}
 
 
 def plot_sweep(result: dict[str, Any], method: str, path: Path) -> None:
@@ -120,6 +150,16 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows.append((f"pseudo_masks/{refiner}", r["miou"], f"ignore {r['ignore_ratio']:.1%}"))
     for name, r in metrics.get("baselines", {}).items():
         rows.append((f"baseline/{name}", r["miou"], ""))
+    seg = metrics.get("segmenter")
+    if seg:
+        split = f"{seg['split']} split"
+        rows.append(("segmenter", seg["miou"], f"{split}, {seg['models']['segmenter']['masks']} masks"))
+        if "crf_miou" in seg:
+            rows.append(("segmenter+crf", seg["crf_miou"], split))
+        if "upper_bound_miou" in seg:
+            rows.append(("segmenter_gt", seg["upper_bound_miou"], f"{split}, GT masks: ratio {seg['ratio']:.3f}"))
+        if "upper_bound_crf_miou" in seg:
+            rows.append(("segmenter_gt+crf", seg["upper_bound_crf_miou"], f"{split}, ratio {seg['crf_ratio']:.3f}"))
     width = max([len(r[0]) for r in rows] + [10])
     lines = [f"{'':{width}}  mIoU", *(f"{n:{width}}  {m:.3f}  {e}" for n, m, e in rows)]
     val_map = metrics.get("classifier", {}).get("val_map")
@@ -133,6 +173,7 @@ def format_per_class(metrics: dict[str, Any]) -> str:
     out = []
     sections = [("maps", m, r) for m, r in metrics.get("maps", {}).items()]
     sections += [("pseudo_masks", m, r) for m, r in metrics.get("pseudo_masks", {}).items()]
+    sections += [("segmenter", m, r) for m, r in metrics.get("segmenter", {}).get("models", {}).items()]
     for kind, name, result in sections:
         out += [f"## {kind}/{name}: mIoU {result['miou']:.3f}", "", "| class | IoU | precision | recall |",
                 "|---|---|---|---|"]

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "classifier") -> None:
+def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "classifier",
+                         loss_label: str = "BCE loss", metric: tuple[str, str] = ("val_map", "val mAP")) -> None:
+    """Train loss per epoch, and the validation score ``metric`` (key, label) on a second axis when logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,11 +20,12 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(epochs, [h["loss"] for h in history], label="train loss", color="tab:blue")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("BCE loss")
-    if any("val_map" in h for h in history):
+    ax.set_ylabel(loss_label)
+    key, label = metric
+    if any(key in h for h in history):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("val_map") for h in history], label="val mAP", color="tab:orange")
-        ax2.set_ylabel("val mAP")
+        ax2.plot(epochs, [h.get(key) for h in history], label=label, color="tab:orange")
+        ax2.set_ylabel(label)
         ax2.set_ylim(0, 1)
     ax.set_title(title)
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False)

@@ -5,12 +5,18 @@ branch B) is trained on the sum of its losses, each logged per epoch as ``loss_<
 
 Resumable: the state after each epoch goes to a resume file; a rerun with the same fingerprint
 continues from the last finished epoch and gives the same weights as an uninterrupted run.
+
+Data-parallel under torchrun (``pipeline/distributed.py``): ``classifier.batch_size`` is the global batch,
+shared equally by the processes; the epoch's order of the samples and each sample's augmentation depend
+on the seed, the epoch and the sample only, so N processes train the single-process model up to float
+error. Only rank 0 writes the resume file; validation is sharded over the ranks and gathered.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pipeline.config import ClassifierConfig
 from pipeline.data import SegDataset, read_image
 from pipeline.data.transforms import classifier_eval_transform, classifier_train_transform, to_chw
 from pipeline.device import autocast
+from pipeline.distributed import DistContext, sample_seed
 from pipeline.errors import ConfigError, first_line
 from pipeline.metrics import mean_average_precision
 from pipeline.runfolder import save_torch
@@ -33,31 +40,32 @@ log = logging.getLogger(__name__)
 
 
 class LabelledImages(Dataset):
-    """Decoded images (kept in memory) with their multi-hot label vectors."""
+    """Decoded images (kept in memory) with their multi-hot label vectors.
 
-    def __init__(self, ds: SegDataset, transform):
-        self.images = [read_image(s.image_path) for s in tqdm(ds.samples, desc="decode", leave=False)]
+    With a ``seed``, sample ``i`` of epoch ``e`` (:meth:`set_epoch`) is augmented with the random state
+    ``sample_seed(seed, e, i)``: the same whichever process or loader worker draws it."""
+
+    def __init__(self, ds: SegDataset, transform, seed: int | None = None, progress: bool = True):
+        self.images = [read_image(s.image_path)
+                       for s in tqdm(ds.samples, desc="decode", leave=False, disable=not progress)]
         self.targets = np.stack([ds.labels_vector(s) for s in ds.samples])
         self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        if self.seed is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
         return to_chw(self.transform(image=self.images[i])["image"]), torch.from_numpy(self.targets[i])
 
 
-def _set_aug_seed(dataset: LabelledImages, seed: int) -> None:
-    dataset.transform.set_random_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**31 + worker_id)
-
-
 @torch.no_grad()
-def predict_scores(net: nn.Module, data: LabelledImages, device: torch.device, batch_size: int) -> np.ndarray:
+def predict_scores(net: nn.Module, data: Dataset, device: torch.device, batch_size: int) -> np.ndarray:
     net.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     out = []
@@ -74,6 +82,18 @@ def training_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     return {"bce": F.binary_cross_entropy_with_logits(net(x).float(), y)}
 
 
+class _LossNet(nn.Module):
+    """``forward(x, y)`` = the training losses of ``net``: what DDP wraps, so that its forward (the one that
+    prepares the gradient all-reduce) is the one that computes the losses."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return training_losses(self.net, x, y)
+
+
 def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The state saved after the last finished epoch of a run with this fingerprint, if there is one."""
     if not path.exists():
@@ -88,10 +108,43 @@ def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: ClassifierConfig,
                      train_ds: SegDataset, val_ds: SegDataset | None, mean, std, device: torch.device,
-                     seed: int, resume_path: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """Train ``net`` in place; returns the per-epoch history (loss, val mAP)."""
-    train = LabelledImages(train_ds, classifier_train_transform(cfg.input_size, mean, std))
-    val = LabelledImages(val_ds, classifier_eval_transform(cfg.input_size, mean, std)) if val_ds else None
+                     seed: int, resume_path: Path, fingerprint: str,
+                     ctx: DistContext | None = None) -> list[dict[str, Any]]:
+    """Train ``net`` in place; returns the per-epoch history (loss, val mAP). Under torchrun, ``ctx`` is the
+    process's :class:`DistContext` (``device`` is then ``ctx.device``); without one, a single process."""
+    ctx = ctx or DistContext(device=device)
+    ctx.local_batch_size(cfg.batch_size, "classifier.batch_size")  # N must divide the batch: fail early
+    train = LabelledImages(train_ds, classifier_train_transform(cfg.input_size, mean, std), seed=seed,
+                           progress=ctx.is_main)
+    val = (LabelledImages(val_ds, classifier_eval_transform(cfg.input_size, mean, std), progress=ctx.is_main)
+           if val_ds else None)
+
+    def validate() -> dict[str, float]:
+        if val is None:
+            return {}
+        local = predict_scores(net, Subset(val, ctx.shard(len(val))), ctx.device, cfg.batch_size)
+        scores = ctx.gather_rows(torch.from_numpy(local), len(val)).numpy()
+        return {"val_map": mean_average_precision(scores, val.targets)}
+
+    return fit(_LossNet(net), net, backbone_params, cfg, "classifier", train, validate, seed, resume_path,
+               fingerprint, ctx)
+
+
+def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter], cfg: Any, section: str,
+        train: Dataset, validate: Callable[[], dict[str, float]], seed: int, resume_path: Path, fingerprint: str,
+        ctx: DistContext, count: Callable[[torch.Tensor, torch.Tensor], int] = lambda x, y: len(x),
+        name: str | None = None) -> list[dict[str, Any]]:
+    """The training loop that the classifier and the segmenter share; trains ``net`` in place, returns the
+    per-epoch history (``loss``, ``loss_<part>`` when there are several, and what ``validate()`` returns).
+
+    ``loss_net(x, y)`` gives ``net``'s losses ``{part: mean}`` over the ``count(x, y)`` items of the batch
+    (images; labelled pixels for the segmenter), so that under DDP the means and gradients are those of the
+    global batch. ``cfg`` is the config ``section`` (``epochs``, ``batch_size``, ``lr``, ``backbone_lr_mult``,
+    ``weight_decay``, ``workers``): AdamW with the backbone at ``lr * backbone_lr_mult``, a linear warm-up
+    over the first epoch (at most a tenth of the steps) then cosine decay. After every epoch rank 0 saves
+    the resume state; a rerun with the same ``fingerprint`` continues from there."""
+    name = name or section
+    device = ctx.device
     net.to(device)
     backbone_ids = {id(p) for p in backbone_params}
     head_params = [p for p in net.parameters() if id(p) not in backbone_ids]
@@ -99,6 +152,7 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
         {"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_mult},
         {"params": head_params, "lr": cfg.lr},
     ], weight_decay=cfg.weight_decay)
+    drop_last = len(train) > cfg.batch_size
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(steps_per_epoch, total // 10)
@@ -113,41 +167,41 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
-        log.info("resuming classifier training after epoch %d", start)
+        log.info("resuming %s training after epoch %d", name, start)
+    model = ctx.wrap(loss_net)  # DDP over the losses with more than one process, else loss_net itself
 
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 1000 + epoch)
-        _set_aug_seed(train, seed * 1000 + epoch)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
-                            num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
-                            persistent_workers=False)
-        net.train()
+        loader = ctx.loader(train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last,
+                            key=f"{section}.batch_size", num_workers=cfg.workers, persistent_workers=False)
+        model.train()
         losses: dict[str, list[float]] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device):
-                parts = training_losses(net, x, y)
+                parts = model(x, y)
             loss = sum(parts.values())
-            if not torch.isfinite(loss):
-                raise ConfigError(f"config key 'classifier.lr': training diverged (loss {loss.item()} in epoch "
-                                  f"{epoch + 1}); lower classifier.lr (now {cfg.lr}) and rerun train_classifier")
+            means, scale = ctx.reduce_losses({"loss": loss, **parts}, count(x, y))  # the global batch's means
+            if not math.isfinite(means["loss"]):
+                raise ConfigError(f"config key '{section}.lr': training diverged (loss {means['loss']} in epoch "
+                                  f"{epoch + 1}); lower {section}.lr (now {cfg.lr}) and rerun train_{section}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scale == 1.0 else loss * scale).backward()
             opt.step()
             sched.step()
-            for name, value in {"loss": loss, **parts}.items():
-                losses.setdefault(name, []).append(value.item())
+            for key, value in means.items():
+                losses.setdefault(key, []).append(value)
             bar.set_postfix(loss=f"{losses['loss'][-1]:.3f}")
         entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses["loss"]))}
         if len(parts) > 1:
-            entry.update({f"loss_{name}": float(np.mean(losses[name])) for name in parts})
-        if val is not None:
-            entry["val_map"] = mean_average_precision(predict_scores(net, val, device, cfg.batch_size), val.targets)
+            entry.update({f"loss_{part}": float(np.mean(losses[part])) for part in parts})
+        entry.update(validate())
         history.append(entry)
-        log.info("epoch %d/%d  loss %.4f  val mAP %s", epoch + 1, cfg.epochs, entry["loss"],
-                 f"{entry['val_map']:.3f}" if "val_map" in entry else "n/a")
-        save_torch(resume_path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
-                                 "model": net.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict()})
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in entry.items() if k.startswith("val_"))
+        log.info("%s epoch %d/%d  loss %.4f  %s", name, epoch + 1, cfg.epochs, entry["loss"], scores or "no val")
+        if ctx.is_main:
+            save_torch(resume_path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+                                     "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict()})
     return history

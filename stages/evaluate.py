@@ -5,17 +5,20 @@ from __future__ import annotations
 import time
 
 from pipeline.config import Config
-from pipeline.data import check_mask_sizes
+from pipeline.data import check_mask_sizes, load_dataset
+from pipeline.device import resolve_device
 from pipeline.evaluation import (
     evaluate_baselines,
     evaluate_labels,
     evaluate_maps,
+    evaluate_segmenters,
     format_per_class,
     format_table,
     gt_masks,
     plot_sweep,
 )
 from pipeline.maps.generate import is_per_image
+from pipeline.metrics.faithfulness import faithfulness_of_run
 from pipeline.runfolder import (
     Stage,
     fingerprint,
@@ -27,13 +30,13 @@ from pipeline.runfolder import (
 )
 from stages.common import log, maps_dataset, masks_fingerprint
 
-UPSTREAM = ("train_classifier", "make_maps", "refine", "export")
+UPSTREAM = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt")
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir = cfg.run_path
     ds = maps_dataset(cfg)
-    fp = fingerprint(cfg.section_hash("evaluate"), [stage_fingerprint(run_dir, s) for s in UPSTREAM],
+    fp = fingerprint(cfg.section_hash("evaluate", "segmenter"), [stage_fingerprint(run_dir, s) for s in UPSTREAM],
                      masks_fingerprint(ds))
     stage = Stage(run_dir, "evaluate", fp)
     if stage.is_done() and not force:
@@ -59,8 +62,35 @@ def run(cfg: Config, force: bool = False) -> None:
         metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": cfg.refine.method}
                                    for r in cfg.refine.refiners}
         metrics["baselines"] = evaluate_baselines(ds, gts)
+    faithfulness_s = None
+    if cfg.evaluate.faithfulness.enabled:  # cached in faithfulness.json: only what changed is recomputed
+        t1 = time.perf_counter()
+        metrics["faithfulness"] = faithfulness_of_run(cfg, ds, gts)
+        faithfulness_s = round(time.perf_counter() - t1, 2)
+    segmenter = _segmenter_metrics(cfg)
+    if segmenter is not None:
+        metrics["segmenter"] = segmenter
     metrics["timing_s"] = {**stage_seconds(run_dir), "evaluate": round(time.perf_counter() - t0, 2)}
+    if faithfulness_s is not None:
+        metrics["timing_s"]["faithfulness"] = faithfulness_s  # part of evaluate's time
     write_json(run_dir / "metrics.json", metrics)
     write_text(run_dir / "per_class.md", format_per_class(metrics))
     log.info("evaluate: %s\n%s", run_dir / "metrics.json", format_table(metrics))
     stage.finish()
+
+
+def _segmenter_metrics(cfg: Config) -> dict | None:
+    """The segmenter and its GT twin scored on the val split's GT (None when there is no segmenter or no GT)."""
+    s, run_dir = cfg.segmenter, cfg.run_path
+    if not s.enabled or stage_fingerprint(run_dir, "train_segmenter") is None:
+        return None
+    val = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    if val is None or not any(x.mask_path for x in val.samples):
+        log.warning("evaluate: no GT masks in the val split (data.val_split %r); the segmenter is not scored",
+                    cfg.data.val_split)
+        return None
+    check_mask_sizes(val)
+    upper = s.masks == "pseudo" and s.upper_bound and stage_fingerprint(run_dir, "train_segmenter_gt") is not None
+    crf = cfg.refine.crf if s.crf else None
+    return {"split": cfg.data.val_split,
+            **evaluate_segmenters(run_dir, val, resolve_device(cfg.device), s.flip_test, crf, upper)}

@@ -1,11 +1,14 @@
 """Stage 2: class maps of every configured method -> maps/<method>/<id>.npz (multi-scale + flip);
-run-once methods (class_model) -> maps/<method>.png + .json."""
+run-once methods (class_model) -> maps/<method>.png + .json. ``maps.executor: ray``: on Ray actors.
+Under torchrun, rank 0 alone runs it."""
 
 from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.device import resolve_device
+from pipeline.distributed import torchrun_rank
 from pipeline.errors import UserError
+from pipeline.executors import executor_session
 from pipeline.maps import get_map_method
 from pipeline.maps.generate import generate_maps, method_outputs
 from pipeline.models import load_classifier
@@ -15,6 +18,8 @@ from stages.common import dataset_fingerprint, log, maps_dataset
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, m = cfg.run_path, cfg.maps
+    if torchrun_rank() > 0:
+        return  # one process makes the maps (maps.executor: ray spreads them over machines)
     for name in m.methods:
         get_map_method(name)
     ds = maps_dataset(cfg)
@@ -30,8 +35,10 @@ def run(cfg: Config, force: bool = False) -> None:
         raise UserError(f"{run_dir / 'classifier.pt'}: trained on other classes than {cfg.data.root} has; "
                         "rerun train_classifier with --force")
     outputs = [p for name in m.methods for p in method_outputs(run_dir / "maps", name)]
-    resuming = stage.begin(outputs=outputs, fresh=force)
-    log.info("make_maps: %s on %d %s images, scales %s%s", ", ".join(m.methods), len(ds), m.split, m.scales,
-             " + flip" if m.flip else "")
-    n = generate_maps(net, ckpt, ds, m, run_dir / "maps", device, skip_existing=resuming)
+    with executor_session(m.executor, cfg.ray, "maps.executor"):
+        resuming = stage.begin(outputs=outputs, fresh=force)
+        log.info("make_maps: %s on %d %s images, scales %s%s%s", ", ".join(m.methods), len(ds), m.split,
+                 m.scales, " + flip" if m.flip else "", " (Ray actors)" if m.executor == "ray" else "")
+        n = generate_maps(net, ckpt, ds, m, run_dir / "maps", device, skip_existing=resuming, ray=cfg.ray,
+                          ckpt_path=run_dir / "classifier.pt", device_name=cfg.device)
     stage.finish(images=len(ds), computed=n)

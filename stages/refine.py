@@ -1,8 +1,11 @@
-"""Stage 3: refine the maps of ``refine.method`` with every configured refiner -> refined/<refiner>/."""
+"""Stage 3: refine the maps of ``refine.method`` with every configured refiner -> refined/<refiner>/.
+``refine.executor: ray``: on Ray tasks. Under torchrun, rank 0 alone runs it."""
 
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.distributed import torchrun_rank
+from pipeline.executors import executor_session
 from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
@@ -11,6 +14,8 @@ from stages.common import log, maps_dataset
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, r = cfg.run_path, cfg.refine
+    if torchrun_rank() > 0:
+        return  # one process refines (refine.executor: ray spreads the images over machines)
     for name in r.refiners:
         get_refiner(name)
     fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"))
@@ -18,11 +23,12 @@ def run(cfg: Config, force: bool = False) -> None:
     if stage.is_done() and not force:
         log.info("refine: up to date, skipped")
         return
-    resuming = stage.begin(outputs=[run_dir / "refined" / name for name in r.refiners], fresh=force)
-
-    ds = maps_dataset(cfg)
-    log.info("refine: %s on %s maps, %d images, %d workers", ", ".join(r.refiners), r.method, len(ds),
-             resolve_workers(r.workers))
-    for name in r.refiners:
-        refine_split(name, ds, run_dir / "maps" / r.method, run_dir / "refined" / name, r, skip_existing=resuming)
+    with executor_session(r.executor, cfg.ray, "refine.executor"):  # one Ray session for every refiner
+        resuming = stage.begin(outputs=[run_dir / "refined" / name for name in r.refiners], fresh=force)
+        ds = maps_dataset(cfg)
+        log.info("refine: %s on %s maps, %d images, %s", ", ".join(r.refiners), r.method, len(ds),
+                 "Ray tasks" if r.executor == "ray" else f"{resolve_workers(r.workers)} workers")
+        for name in r.refiners:
+            refine_split(name, ds, run_dir / "maps" / r.method, run_dir / "refined" / name, r,
+                         skip_existing=resuming, ray=cfg.ray)
     stage.finish(images=len(ds))

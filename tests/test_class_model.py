@@ -101,7 +101,7 @@ def test_make_maps_writes_grid_once_and_evaluate_skips_it(tiny_voc, tmp_path, ca
            "data": {"kind": "voc", "root": str(tiny_voc(background=True))},
            "classifier": {"backbone": "smallcnn", "input_size": SIZE, "epochs": 2, "batch_size": 2},
            "maps": {"methods": ["cam", "class_model"], "class_model": {"steps": 10, "size": 24}},
-           "refine": {"refiners": ["threshold"], "workers": "1"}}
+           "refine": {"refiners": ["threshold"], "workers": "1"}, "segmenter": {"enabled": False}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["all", "--config", str(path)]) == 0

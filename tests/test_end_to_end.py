@@ -17,6 +17,7 @@ TINY = {
                    "batch_size": 16, "lr": 0.001, "backbone_lr_mult": 0.3},
     "maps": {"scales": [1.0, 1.5], "flip": True},
     "refine": {"workers": "2", "threshold": {"fg": 0.6, "bg": 0.45}},
+    "segmenter": {"input_size": 112, "crop_size": 112, "epochs": 3, "batch_size": 8, "backbone_lr_mult": 1.0},
 }
 
 
@@ -40,9 +41,24 @@ def test_end_to_end_beats_baselines(tiny_run):
     assert set(pseudo) == {"threshold", "crf", "graphcut"}
     assert pseudo["threshold"] > best_baseline + 0.1
     assert pseudo["graphcut"] > pseudo["threshold"] + 0.05  # colour segmentation sharpens the blobs
-    for key in ("train_classifier", "make_maps", "refine", "export", "evaluate"):
+    for key in ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt",
+                "evaluate"):
         assert key in metrics["timing_s"]
     assert (run / "plots" / "sweep_cam.png").stat().st_size > 1000
+
+
+def test_segmenter_on_pseudo_masks_against_its_gt_twin(tiny_run):
+    run, _ = tiny_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    seg, best_baseline = metrics["segmenter"], max(b["miou"] for b in metrics["baselines"].values())
+    models = seg["models"]
+    assert seg["split"] == "val"
+    assert models["segmenter"]["masks"] == "pseudo" and models["segmenter_gt"]["masks"] == "gt"
+    assert seg["miou"] > best_baseline + 0.1  # val images, never seen in training
+    assert seg["upper_bound_miou"] > best_baseline + 0.1
+    assert seg["ratio"] == round(seg["miou"] / seg["upper_bound_miou"], 4) and seg["ratio"] > 0.7
+    log = json.loads((run / "segmenter_log.json").read_text())
+    assert len(log) == 3 and log[-1]["loss"] < log[0]["loss"] and log[-1]["val_miou"] == seg["miou"]
 
 
 def test_run_folder_contract(tiny_run):
@@ -64,6 +80,6 @@ def test_rerun_skips_up_to_date_stages(tiny_run, caplog):
     before = {p.name: p.stat().st_mtime_ns for p in (run / "refined" / "threshold").iterdir()}
     caplog.set_level("INFO")
     assert main(["all", "--config", str(path)]) == 0
-    assert sum("up to date, skipped" in r.getMessage() for r in caplog.records) == 5
+    assert sum("up to date, skipped" in r.getMessage() for r in caplog.records) == 8  # 7 stages, 2 segmenters
     after = {p.name: p.stat().st_mtime_ns for p in (run / "refined" / "threshold").iterdir()}
     assert before == after

@@ -29,10 +29,12 @@ EXIF_ORIENTATION = 0x0112
 
 
 def write_config(path: Path, root: Path, run: Path, **sections) -> Path:
-    """A CPU config for the tiny datasets: smallcnn, one epoch, the threshold refiner only."""
+    """A CPU config for the tiny datasets: smallcnn, one epoch, the threshold refiner only, a tiny segmenter."""
     cfg = {"run_dir": str(run), "device": "cpu", "data": {"kind": "voc", "root": str(root)},
            "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 1, "batch_size": 2},
-           "maps": {"flip": False}, "refine": {"workers": "1", "refiners": ["threshold"]}}
+           "maps": {"flip": False}, "refine": {"workers": "1", "refiners": ["threshold"]},
+           "segmenter": {"backbone": "smallcnn", "pretrained": "none", "channels": 8, "atrous_rates": [1, 2, 3],
+                         "input_size": 32, "crop_size": 32, "epochs": 1, "batch_size": 2}}
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")

@@ -32,7 +32,10 @@ from pipeline.models.backbones import create_backbone
 from pipeline.runfolder import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("train_classifier", "make_maps", "refine", "export", "evaluate")
+STAGES = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "evaluate")
+# The stages by their done markers: train_segmenter trains the segmenter and its GT twin as two sub-stages.
+SUB_STAGES = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt",
+              "evaluate")
 STAGE_TIMEOUT_S = 180
 # Big enough that each stage runs for a second or more after its first output, so a poll every few
 # milliseconds always catches it midway: 6 epochs, 96 images x 2 scales x flip, 3 refiners.
@@ -42,11 +45,15 @@ CONFIG = {
     "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 6, "batch_size": 16},
     "maps": {"scales": [1.0, 1.5], "flip": True},
     "refine": {"workers": "2", "refiners": ["threshold", "graphcut", "crf"]},
+    "segmenter": {"backbone": "smallcnn", "pretrained": "none", "channels": 16, "atrous_rates": [1, 2, 3],
+                  "input_size": 32, "crop_size": 32, "epochs": 2, "batch_size": 16},
 }
 N_IMAGES = CONFIG["data"]["synthetic"]["n_train"]  # maps.split is train
 # What each stage writes (besides its done marker), so a run folder can start from another's earlier stages.
 STAGE_FILES = {"train_classifier": ["classifier.pt", "train_log.json", "plots/classifier.png"],
-               "make_maps": ["maps"], "refine": ["refined"], "export": ["pseudo_masks"]}
+               "make_maps": ["maps"], "refine": ["refined"], "export": ["pseudo_masks"],
+               "train_segmenter": ["segmenter.pt", "segmenter_log.json", "plots/segmenter.png", "segmenter_gt.pt",
+                                   "segmenter_gt_log.json", "plots/segmenter_gt.png", "train_segmenter_gt.done.json"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,7 +89,7 @@ def outputs(run: Path) -> dict[str, str]:
     out = {}
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run).as_posix()
-        if rel == "config.yaml" or (p.is_dir() and not p.is_symlink()):
+        if rel in ("config.yaml", "report.html") or (p.is_dir() and not p.is_symlink()):
             continue
         if p.is_symlink():
             out[rel] = f"-> {os.readlink(p)}"
@@ -254,9 +261,9 @@ def test_deterministic_two_runs_byte_identical(ref):
 
 
 def stages_run(caplog) -> set[str]:
-    skipped = {s for s in STAGES if f"{s}: up to date, skipped" in caplog.text}
+    skipped = {s for s in SUB_STAGES if f"{s}: up to date, skipped" in caplog.text}
     caplog.clear()
-    return set(STAGES) - skipped
+    return set(SUB_STAGES) - skipped
 
 
 def touch_pixel(path: Path) -> None:
@@ -276,6 +283,7 @@ def test_staleness_an_edit_invalidates_that_stage_and_later_ones_only(tmp_path, 
     config["classifier"]["epochs"] = 1
     config["maps"] = {"scales": [1.0], "flip": False}
     config["refine"] = {"workers": "1", "refiners": ["threshold"]}
+    config["segmenter"]["epochs"] = 1
     caplog.set_level("INFO")
 
     def rerun(edits: dict | None = None) -> set[str]:
@@ -290,20 +298,23 @@ def test_staleness_an_edit_invalidates_that_stage_and_later_ones_only(tmp_path, 
         return stages_run(caplog)
 
     data = tmp_path / "data"
-    assert rerun() == set(STAGES)
+    everything, pseudo = set(SUB_STAGES), set(SUB_STAGES) - {"train_segmenter_gt"}  # the GT twin uses no maps
+    assert rerun() == everything
     assert rerun() == set()
     assert rerun({"evaluate.sweep": [0.3, 0.5]}) == {"evaluate"}
-    touch_pixel(data / "SegmentationClass" / "syn_00000.png")  # a GT mask: read by evaluate only
-    assert rerun() == {"evaluate"}
-    assert rerun({"export.images": "copy"}) == {"export", "evaluate"}
-    assert rerun({"refine.threshold.fg": 0.5}) == {"refine", "export", "evaluate"}
-    assert rerun({"maps.flip": True}) == {"make_maps", "refine", "export", "evaluate"}
-    assert rerun({"classifier.lr": 0.002}) == set(STAGES)
-    touch_pixel(data / "JPEGImages" / "syn_00013.png")  # a val image: read by train_classifier (val mAP)
-    assert rerun() == set(STAGES)
+    assert rerun({"segmenter.crf": True}) == {"evaluate"}  # post-processing: the same weights, scored anew
+    touch_pixel(data / "SegmentationClass" / "syn_00000.png")  # a train GT mask: the twin's and evaluate's
+    assert rerun() == {"train_segmenter_gt", "evaluate"}
+    assert rerun({"export.images": "copy"}) == {"export", "train_segmenter", "evaluate"}
+    assert rerun({"refine.threshold.fg": 0.5}) == {"refine", "export", "train_segmenter", "evaluate"}
+    assert rerun({"maps.flip": True}) == {"make_maps", "refine", "export", "train_segmenter", "evaluate"}
+    assert rerun({"segmenter.lr": 0.002}) == {"train_segmenter", "train_segmenter_gt", "evaluate"}
+    assert rerun({"classifier.lr": 0.002}) == pseudo
+    touch_pixel(data / "JPEGImages" / "syn_00013.png")  # a val image: val mAP and the segmenters' val mIoU
+    assert rerun() == everything
     weights = tmp_path / "smallcnn.pt"
     torch.save(create_backbone("smallcnn").body.state_dict(), weights)
-    assert rerun({"classifier.pretrained": str(weights)}) == set(STAGES)
+    assert rerun({"classifier.pretrained": str(weights)}) == pseudo
     torch.save(create_backbone("smallcnn").body.state_dict(), weights)  # new random weights, same path
-    assert rerun() == set(STAGES)
+    assert rerun() == pseudo
     assert rerun() == set()

@@ -1,17 +1,25 @@
 """Produce every configured map method: the per-image ones for every image of a split in one pass over
-the data, then the run-once ones (``per_image = False``, e.g. ``class_model``) once."""
+the data, then the run-once ones (``per_image = False``, e.g. ``class_model``) once.
+
+``maps.executor: ray`` computes the per-image maps on a pool of Ray actors (``pipeline/executors.py``),
+each holding the classifier once; they send the maps back and this process writes them with the same
+function as a local run, so the files are the same bytes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import MapsConfig
-from pipeline.data import SegDataset, read_image
+from pipeline.config import MapsConfig, RayConfig
+from pipeline.data import Sample, SegDataset, read_image
 from pipeline.maps import configured_method, get_map_method
 from pipeline.maps.inference import multiscale_maps, to_tensor
 from pipeline.maps.io import save_maps
@@ -28,11 +36,64 @@ def method_outputs(out_root: Path, name: str) -> list[Path]:
     return [out_root / name] if is_per_image(name) else [out_root / f"{name}.png", out_root / f"{name}.json"]
 
 
+@dataclass(frozen=True)
+class MapJob:
+    """One image and the per-image methods still to map on it."""
+
+    sample: Sample
+    methods: tuple[str, ...]
+
+
+def map_jobs(ds: SegDataset, cfg: MapsConfig, out_root: Path, skip_existing: bool) -> list[MapJob]:
+    """The images of ``ds`` with the per-image methods whose map file is missing (all of them, unless
+    ``skip_existing``); images with nothing left to do are left out."""
+    methods = [m for m in cfg.methods if is_per_image(m)]
+    jobs = []
+    for s in ds.samples:
+        todo = tuple(m for m in methods if not (skip_existing and (out_root / m / f"{s.id}.npz").exists()))
+        if todo:
+            jobs.append(MapJob(s, todo))
+    return jobs
+
+
+def method_functions(cfg: MapsConfig) -> dict[str, Callable]:
+    """Each per-image method of ``cfg`` with its options bound."""
+    return {m: configured_method(m, getattr(cfg, m, None)) for m in cfg.methods if is_per_image(m)}
+
+
+def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], job: MapJob, cfg: MapsConfig,
+               num_classes: int, device: torch.device) -> Iterator[tuple[str, np.ndarray]]:
+    """(method, float16 maps [K,H,W] of the image's K classes) for each method of ``job``, one at a time."""
+    s = job.sample
+    x = to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], device)
+    present = torch.zeros((1, num_classes), dtype=torch.bool, device=device)
+    present[0, list(s.labels)] = True
+    for m in job.methods:
+        maps = multiscale_maps(fns[m], net, x, present, cfg.scales, cfg.flip)[list(s.labels)]
+        yield m, maps.cpu().numpy().astype(np.float16)
+
+
 def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
-                  device: torch.device, skip_existing: bool = False) -> int:
+                  device: torch.device, skip_existing: bool = False, ray: RayConfig | None = None,
+                  ckpt_path: Path | None = None, device_name: str = "auto") -> int:
     """Write ``out_root/<method>/<id>.npz`` for each per-image method and image, and the outputs of each
-    run-once method (called as ``method(net, ckpt, *method_outputs(...))``); returns the images processed now."""
-    done = _per_image_maps(net, ckpt, ds, cfg, out_root, device, skip_existing)
+    run-once method (called as ``method(net, ckpt, *method_outputs(...))``); returns the images processed now.
+    With ``cfg.executor == "ray"`` the per-image maps are computed by Ray actors that load ``ckpt_path`` on
+    ``device_name`` (resolved where each actor runs), as ``ray`` says."""
+    jobs = map_jobs(ds, cfg, out_root, skip_existing)
+    if cfg.executor == "ray":
+        from pipeline.executors import ray_maps
+
+        if ckpt_path is None:
+            raise ValueError("maps.executor ray needs the checkpoint's path")
+        bar = tqdm(total=len(jobs), desc="maps (ray)")
+        for job, results in ray_maps(jobs, cfg, ray or RayConfig(), ckpt_path, ds.num_classes, device_name):
+            _save(out_root, job, results, ds.classes)
+            bar.update()
+        bar.close()
+        done = len(jobs)
+    else:
+        done = _per_image_maps(net, ckpt, ds, cfg, out_root, device, jobs)
     for m in cfg.methods:
         outs = method_outputs(out_root, m)
         if not is_per_image(m) and not (skip_existing and outs[-1].exists()):
@@ -40,21 +101,15 @@ def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: Map
     return done
 
 
+def _save(out_root: Path, job: MapJob, results: list[tuple[str, np.ndarray]], class_names: list[str]) -> None:
+    for m, maps in results:
+        save_maps(out_root / m / f"{job.sample.id}.npz", maps, list(job.sample.labels), class_names)
+
+
 def _per_image_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
-                    device: torch.device, skip_existing: bool) -> int:
-    methods = [m for m in cfg.methods if is_per_image(m)]
-    fns = {m: configured_method(m, getattr(cfg, m, None)) for m in methods}
-    done = 0
-    for s in tqdm(ds.samples, desc="maps"):
-        outs = {m: out_root / m / f"{s.id}.npz" for m in methods}
-        todo = [m for m in methods if not (skip_existing and outs[m].exists())]
-        if not todo:
-            continue
-        x = to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], device)
-        present = torch.zeros((1, ds.num_classes), dtype=torch.bool, device=device)
-        present[0, list(s.labels)] = True
-        for m in todo:
-            maps = multiscale_maps(fns[m], net, x, present, cfg.scales, cfg.flip)[list(s.labels)]
-            save_maps(outs[m], maps.cpu().numpy(), list(s.labels), ds.classes)
-        done += 1
-    return done
+                    device: torch.device, jobs: list[MapJob]) -> int:
+    fns = method_functions(cfg)
+    for job in tqdm(jobs, desc="maps"):
+        for m, maps in image_maps(net, ckpt, fns, job, cfg, ds.num_classes, device):
+            _save(out_root, job, [(m, maps)], ds.classes)
+    return len(jobs)

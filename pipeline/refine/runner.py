@@ -1,4 +1,8 @@
-"""Run a refiner over every image of a split in a process pool; outputs do not depend on the pool size."""
+"""Run a refiner over every image of a split in a process pool, or on Ray (``refine.executor: ray``:
+CPU tasks over shards of images, ``pipeline/executors.py``); outputs do not depend on either.
+
+Ray tasks send the label maps back and this process writes them with the same function as the pool's
+workers, so the files are the same bytes."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RefineConfig
+from pipeline.config import RayConfig, RefineConfig
 from pipeline.data import SegDataset, read_image
 from pipeline.errors import ConfigError, DataError
 from pipeline.maps.io import load_maps
@@ -42,7 +46,8 @@ class _Job:
     cfg: RefineConfig
 
 
-def _run_one(job: _Job) -> str:
+def refine_label(job: _Job) -> np.ndarray:
+    """The label map of one image (uint8, checked to hold only the image's classes, background and 255)."""
     refiner = get_refiner(job.refiner)
     maps, classes = load_maps(job.map_path, list(job.class_names))
     image = read_image(job.image_path) if refiner.needs_image else None
@@ -54,13 +59,18 @@ def _run_one(job: _Job) -> str:
     stray = set(np.unique(label).tolist()) - allowed
     if stray:  # a refiner bug, not a user error
         raise AssertionError(f"refiner {job.refiner} wrote labels {sorted(stray)} not among the image's classes")
-    save_label_png(job.out_path, label)
+    return label
+
+
+def _run_one(job: _Job) -> str:
+    save_label_png(job.out_path, refine_label(job))
     return job.out_path.stem
 
 
 def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cfg: RefineConfig,
-                 skip_existing: bool = False) -> int:
-    """Refine every image of ``ds``; returns the number of images processed now."""
+                 skip_existing: bool = False, ray: RayConfig | None = None) -> int:
+    """Refine every image of ``ds`` (on Ray as ``ray`` says when ``cfg.executor`` is ray); returns the
+    number of images processed now."""
     get_refiner(refiner)  # fail early on a bad name
     jobs = [_Job(refiner, maps_dir / f"{s.id}.npz", s.image_path, out_dir / f"{s.id}.png", tuple(ds.classes),
                  ds.background, cfg) for s in ds.samples]
@@ -68,7 +78,13 @@ def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cf
         jobs = [j for j in jobs if not j.out_path.exists()]
     workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"refine {refiner}", leave=False)
-    if workers == 1:
+    if cfg.executor == "ray":
+        from pipeline.executors import ray_refine
+
+        for job, label in ray_refine(jobs, ray or RayConfig()):
+            save_label_png(job.out_path, label)
+            bar.update()
+    elif workers == 1:
         for job in jobs:
             _run_one(job)
             bar.update()

@@ -1,0 +1,225 @@
+"""Ray executors of the per-image stages: ``maps.executor: ray`` and ``refine.executor: ray``.
+
+``make_maps``: a pool of actors (``ray.map_actors``; by default one per GPU of the cluster, each with
+``gpus_per_actor`` = 1, or without GPUs one per ``cpus_per_actor`` CPUs), each loading the classifier
+once; the images go to them in shards of ``ray.shard_size``. ``refine``: one CPU task
+(``ray.cpus_per_task``) per shard of images. Workers read their inputs (the images, the run folder's
+``classifier.pt`` and maps) at the paths the driver gives, and send their results back: this process writes
+every output through the same functions as a local run, so a Ray run and a local run give files of the
+same bytes (with the same thread count per worker for the maps: float sums may depend on it), and the
+run folder's atomic writes, resume and Ctrl-C behave as they do locally.
+
+Where Ray runs (``ray.address``):
+- ``null``: a local Ray instance is started for the stage (``ray.num_cpus`` CPUs, default all) and stopped
+  after it;
+- ``auto``: the cluster this machine joined with ``ray start --address <head>:6379``;
+- ``ray://<head>:10001``: a remote cluster through Ray Client.
+On a cluster of several machines, the dataset and the run folder must be readable at the same paths on
+every node (a shared filesystem), and every node needs this package and its dependencies installed, or
+``ray.ship_code: true`` to send the ``pipeline`` package with the job (its dependencies must still be there).
+
+Ray is an optional extra (``pip install '.[ray]'``), imported only when an executor is ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import MapsConfig, RayConfig
+from pipeline.errors import ConfigError, UserError, first_line
+
+log = logging.getLogger(__name__)
+
+
+def import_ray(key: str) -> Any:
+    """The ``ray`` module, or a one-line ``ConfigError`` naming ``key`` when it is not installed."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"config key '{key}': executor ray needs the ray package, which is not installed; "
+                          f"install it with pip install '.[ray]' (or pip install 'ray[client]'), or set {key}: local"
+                          ) from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Ray waits minutes for a cluster address that nobody answers at (e.g. ``auto`` finding the address file
+    a killed cluster left in /tmp/ray): fail in seconds with the address instead."""
+    target = address.removeprefix("ray://")
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # noqa: BLE001 - no cluster found (ray.init says so), or another Ray version
+            return
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: left to ray.init
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"config key 'ray.address': nothing answers at {target} ({exc.strerror or exc}); "
+                          "is the Ray cluster up?") from None
+
+
+@contextmanager
+def ray_session(rc: RayConfig, key: str) -> Iterator[Any]:
+    """Ray, connected as ``rc.address`` says. A session already open (``ray.init`` called before) is used
+    as it is and left open; one opened here is shut down at the end."""
+    ray = import_ray(key)
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if rc.address is None:
+        kwargs.update(num_cpus=rc.num_cpus, include_dashboard=False)
+    if rc.ship_code:
+        import pipeline
+
+        kwargs["runtime_env"] = {"py_modules": [str(Path(pipeline.__file__).parent)]}  # uploaded to the cluster
+    where = rc.address or "a new local instance"
+    if rc.address is not None:
+        _check_reachable(rc.address)
+    try:
+        ray.init(address=rc.address, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - no cluster there, a refused connection, a bad address...
+        raise ConfigError(f"config key 'ray.address': cannot start or reach Ray at {where} "
+                          f"({first_line(exc)})") from None
+    log.info("ray: %s, %s", where, {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def executor_session(executor: str, rc: RayConfig, key: str) -> AbstractContextManager:
+    """What a stage opens before it touches its outputs: a Ray session for executor ray (so that a missing
+    package or an unreachable cluster fails before anything is removed), nothing for local."""
+    return ray_session(rc, key) if executor == "ray" else nullcontext()
+
+
+@dataclass
+class _Failure:
+    """A user error raised in a worker, sent back to be raised here as the one line it is."""
+
+    error: UserError
+
+
+def _results(out: Any) -> Any:
+    if isinstance(out, _Failure):
+        raise out.error
+    return out
+
+
+def shards(n: int, size: int) -> list[list[int]]:
+    """``range(n)`` cut into consecutive shards of ``size`` (at least 1) indices."""
+    size = max(1, size)
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------- make_maps
+
+
+class MapWorker:
+    """A Ray actor that loads the classifier once and maps shards of images."""
+
+    def __init__(self, ckpt_path: str, cfg: MapsConfig, num_classes: int, device_name: str, threads: int):
+        import torch
+
+        from pipeline.device import resolve_device
+        from pipeline.maps.generate import method_functions
+        from pipeline.models import load_classifier
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.num_classes, self.error = cfg, num_classes, None
+        try:
+            self.device = resolve_device(device_name)
+            self.net, self.ckpt = load_classifier(Path(ckpt_path), self.device)
+            self.fns = method_functions(cfg)
+        except UserError as exc:
+            self.error = exc
+
+    def run(self, jobs: list[tuple[int, Any]]) -> list[tuple[int, list[tuple[str, np.ndarray]]]] | _Failure:
+        from pipeline.maps.generate import image_maps
+
+        if self.error is not None:
+            return _Failure(self.error)
+        try:
+            return [(i, list(image_maps(self.net, self.ckpt, self.fns, job, self.cfg, self.num_classes,
+                                        self.device))) for i, job in jobs]
+        except UserError as exc:
+            return _Failure(exc)
+
+
+def ray_maps(jobs: list, cfg: MapsConfig, rc: RayConfig, ckpt_path: Path, num_classes: int,
+             device_name: str) -> Iterator[tuple[Any, list[tuple[str, np.ndarray]]]]:
+    """(job, [(method, float16 maps)]) for each ``MapJob`` of ``jobs``, in the order they finish."""
+    if not jobs:
+        return
+    with ray_session(rc, "maps.executor") as ray:
+        from ray.util import ActorPool
+
+        resources = ray.cluster_resources()
+        gpus = rc.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if resources.get("GPU", 0) > 0 and device_name != "cpu" else 0.0
+        fits = int(resources.get("CPU", 1) // max(rc.cpus_per_actor, 1e-9))
+        if gpus > 0:
+            fits = min(fits, int(resources.get("GPU", 0) // gpus))
+        parts = shards(len(jobs), rc.shard_size)
+        n = min(rc.map_actors or fits, fits, len(parts))
+        if n < 1:
+            raise ConfigError(f"config key 'ray.gpus_per_actor': an actor needs {rc.cpus_per_actor} CPUs and {gpus} "
+                              f"GPUs, the Ray cluster has {resources.get('CPU', 0)} and {resources.get('GPU', 0)}")
+        log.info("make_maps: %d Ray actors (%s CPU, %s GPU each), %d shards", n, rc.cpus_per_actor, gpus, len(parts))
+        worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=gpus)(MapWorker)
+        actors = [worker.remote(str(ckpt_path), cfg, num_classes, device_name, rc.cpus_per_actor) for _ in range(n)]
+        try:
+            pool = ActorPool(actors)
+            for part in parts:
+                pool.submit(lambda actor, shard: actor.run.remote(shard), [(i, jobs[i]) for i in part])
+            while pool.has_next():
+                for i, results in _results(pool.get_next_unordered()):
+                    yield jobs[i], results
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- refine
+
+
+def _refine_shard(jobs: list[tuple[int, Any]]) -> list[tuple[int, np.ndarray]] | _Failure:
+    from pipeline.refine.runner import refine_label  # here, not above: pipeline.maps stays free of CRF imports
+
+    try:
+        return [(i, refine_label(job)) for i, job in jobs]
+    except UserError as exc:
+        return _Failure(exc)
+
+
+def ray_refine(jobs: list, rc: RayConfig) -> Iterator[tuple[Any, np.ndarray]]:
+    """(job, uint8 label map) for each refine job of ``jobs``, computed by Ray CPU tasks over shards, in the
+    order they finish."""
+    if not jobs:
+        return
+    with ray_session(rc, "refine.executor") as ray:
+        task = ray.remote(num_cpus=rc.cpus_per_task)(_refine_shard)
+        pending = [task.remote([(i, jobs[i]) for i in part]) for part in shards(len(jobs), rc.shard_size)]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for i, label in _results(ray.get(done[0])):
+                    yield jobs[i], label
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)

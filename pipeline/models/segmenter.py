@@ -1,0 +1,77 @@
+"""The downstream segmenter: a DeepLabV3 head (Chen et al. 2017, "Rethinking Atrous Convolution for Semantic
+Image Segmentation"; torchvision's ASPP) on any backbone of the classifier's registry.
+
+The head is torchvision's: ASPP (a 1x1 branch, three 3x3 atrous branches at ``atrous_rates`` and image
+pooling), a 3x3 conv + BN + ReLU, and a 1x1 classifier; only its width is configurable (``channels``;
+torchvision fixes 256), because the 3x3 ASPP branches on the backbone's 1280 EfficientNet-Lite0 channels
+would otherwise cost several times the backbone on a CPU. Rates 6/12/18 are the paper's for output stride
+16. The logits are upsampled bilinearly to the input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import UserError, first_line
+from pipeline.models.backbones import Backbone, create_backbone
+
+
+class DeepLabV3(nn.Module):
+    def __init__(self, backbone: Backbone, num_labels: int, channels: int = 128,
+                 atrous_rates: Sequence[int] = (6, 12, 18)):
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        super().__init__()
+        self.backbone = backbone.body
+        self.head = nn.Sequential(
+            ASPP(backbone.channels, list(atrous_rates), out_channels=channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, num_labels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] -> label logits [B,L,H,W]"""
+        logits = self.head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_segmenter(backbone: str, pretrained: str, num_labels: int, channels: int,
+                    atrous_rates: Sequence[int], output_stride: int | None = None) -> tuple[DeepLabV3, Backbone]:
+    bb = create_backbone(backbone, pretrained, output_stride)
+    return DeepLabV3(bb, num_labels, channels, atrous_rates), bb
+
+
+def segmenter_state(net: nn.Module, *, backbone: Backbone, backbone_name: str, classes: list[str],
+                    background: bool, channels: int, atrous_rates: Sequence[int], input_size: int,
+                    masks: str) -> dict[str, Any]:
+    """The checkpoint: weights + what ``load_segmenter`` and ``predict`` need (classes, normalisation, size)."""
+    return {"model": "deeplabv3", "backbone": backbone_name, "output_stride": backbone.stride,
+            "classes": list(classes), "background": background,
+            "channels": channels, "atrous_rates": list(atrous_rates), "mean": list(backbone.mean),
+            "std": list(backbone.std), "input_size": input_size, "masks": masks,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def load_segmenter(path: Path, device: torch.device | str = "cpu") -> tuple[DeepLabV3, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: segmenter checkpoint not found (run the train_segmenter stage first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        num_labels = len(ckpt["classes"]) + int(ckpt["background"])
+        net, _ = build_segmenter(ckpt["backbone"], "none", num_labels, ckpt["channels"], ckpt["atrous_rates"],
+                                 ckpt["output_stride"])
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in torch.load, a foreign one on its keys
+        raise UserError(f"{path}: not a readable segmenter checkpoint ({first_line(exc)}); "
+                        "rerun train_segmenter with --force") from None
+    net.requires_grad_(False)
+    return net.to(device).eval(), ckpt

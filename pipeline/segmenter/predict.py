@@ -1,0 +1,113 @@
+"""Segmenter inference: label probabilities of an image (mirror-averaged), optional dense-CRF post-processing,
+scoring against ground truth, and the ``predict`` command (a folder of images -> palette masks + overlays).
+
+An image is resized so that its longest side is the checkpoint's ``input_size`` (as in training), and the
+softmax probabilities are resized back to the image. The CRF post-processing is the refinement's dense CRF
+(``pipeline.refine.crf.crf_posterior``, kernels from ``refine.crf``) with the segmenter's probabilities as
+the unary, so it needs ``pydensecrf`` only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import CRFConfig
+from pipeline.data import SegDataset, read_image, read_mask
+from pipeline.data.dataset import IMAGE_EXTENSIONS
+from pipeline.data.transforms import segmenter_eval_transform, to_chw
+from pipeline.device import autocast
+from pipeline.errors import UserError
+from pipeline.metrics import ConfusionMatrix
+from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
+
+
+class Predictor:
+    """A trained segmenter with its checkpoint's preprocessing: ``probs(image)`` and ``labels(image)``."""
+
+    def __init__(self, net: nn.Module, ckpt: dict[str, Any], device: torch.device, flip: bool = True,
+                 crf: CRFConfig | None = None):
+        self.net, self.device, self.flip, self.crf = net.eval(), device, flip, crf
+        self.transform = segmenter_eval_transform(ckpt["input_size"], ckpt["mean"], ckpt["std"])
+        self.num_labels = len(ckpt["classes"]) + int(ckpt["background"])
+
+    @torch.no_grad()
+    def probs(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> label probabilities [L,H,W] float32 at the image's size."""
+        x = to_chw(self.transform(image=image)["image"])[None].to(self.device)
+        with autocast(self.device):
+            logits = self.net(torch.cat([x, x.flip(-1)]) if self.flip else x).float()
+        p = logits.softmax(1)
+        p = (p[:1] + p[1:].flip(-1)) / 2 if self.flip else p
+        p = F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        return p.cpu().numpy()
+
+    def labels(self, image: np.ndarray, probs: np.ndarray | None = None, crf: bool | None = None) -> np.ndarray:
+        """uint8 labels [H,W] in the label index space; with the CRF when ``crf`` (default: if configured)."""
+        probs = self.probs(image) if probs is None else probs
+        if (self.crf is not None) if crf is None else crf:
+            from pipeline.refine.crf import crf_posterior
+
+            probs = crf_posterior(probs, image, self.crf or CRFConfig())
+        return probs.argmax(0).astype(np.uint8)
+
+
+def score_segmenter(predictor: Predictor, ds: SegDataset, desc: str = "val") -> dict[str, ConfusionMatrix]:
+    """Confusion matrices on the images of ``ds`` that have GT masks: ``raw``, and ``crf`` if it is configured."""
+    confs = {"raw": ConfusionMatrix(predictor.num_labels)}
+    if predictor.crf is not None:
+        confs["crf"] = ConfusionMatrix(predictor.num_labels)
+    for s in tqdm([s for s in ds.samples if s.mask_path], desc=desc, leave=False):
+        image = read_image(s.image_path)
+        gt = read_mask(s.mask_path, image.shape[:2])
+        probs = predictor.probs(image)
+        confs["raw"].update(gt, predictor.labels(image, probs, crf=False))
+        if "crf" in confs:
+            confs["crf"].update(gt, predictor.labels(image, probs, crf=True))
+    return confs
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each label's VOC colour blended in (255 = ignore: left as it is)."""
+    palette = np.asarray(voc_palette(), dtype=np.float32).reshape(-1, 3)
+    colour = palette[labels]
+    out = image.astype(np.float32)
+    keep = labels != 255
+    out[keep] = (1 - alpha) * out[keep] + alpha * colour[keep]
+    return out.round().astype(np.uint8)
+
+
+def image_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: images folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no images in it (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def predict_folder(predictor: Predictor, label_names: list[str], images: Path, out: Path) -> int:
+    """Write ``out/masks/<stem>.png`` (palette PNG, label index space) and ``out/overlays/<stem>.jpg`` for every
+    image of ``images``, and ``out/legend.json`` (label index -> name and colour). Returns the image count."""
+    from PIL import Image
+
+    files = image_files(images)
+    palette = np.asarray(voc_palette()).reshape(-1, 3)
+    write_json(Path(out) / "legend.json", {str(k): {"name": n, "rgb": palette[k].tolist()}
+                                           for k, n in enumerate(label_names)})
+    for path in tqdm(files, desc="predict", leave=False):
+        image = read_image(path)
+        labels = predictor.labels(image)
+        save_label_png(Path(out) / "masks" / f"{path.stem}.png", labels)
+        buf = io.BytesIO()
+        Image.fromarray(overlay(image, labels)).save(buf, format="JPEG", quality=90)
+        atomic_write_bytes(Path(out) / "overlays" / f"{path.stem}.jpg", buf.getvalue())
+    return len(files)

@@ -1,0 +1,27 @@
+"""Stage 7: report.html, one self-contained page of the run (tables, curves, sample grids, stage times)."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.report import build_report, report_path
+from pipeline.runfolder import Stage, fingerprint, read_json, write_text
+from stages.common import log, maps_dataset
+
+
+def _upstream(run_dir) -> dict[str, str | None]:
+    """The fingerprints of every finished stage but this one: any rerun stage makes the report stale."""
+    return {p.name: read_json(p).get("fingerprint") for p in sorted(run_dir.glob("*.done.json"))
+            if p.name != "report.done.json"}
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, out = cfg.run_path, report_path(cfg.run_path)
+    stage = Stage(run_dir, "report", fingerprint(cfg.section_hash("report"), _upstream(run_dir)))
+    if stage.is_done() and out.exists() and not force:
+        log.info("report: up to date, skipped: %s", out)
+        return
+    ds = maps_dataset(cfg)
+    stage.begin(fresh=force)
+    write_text(out, build_report(cfg, ds))
+    stage.finish(bytes=out.stat().st_size)
+    log.info("report: %s (%.0f kB; open it in a browser)", out, out.stat().st_size / 1024)

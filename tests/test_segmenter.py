@@ -1,0 +1,186 @@
+"""The downstream segmenter: ignore handling of the loss, the model, prediction and the predict command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import CRFConfig
+from pipeline.models.segmenter import build_segmenter, load_segmenter, segmenter_state
+from pipeline.runfolder import save_torch, voc_palette
+from pipeline.segmenter.predict import Predictor, overlay
+from pipeline.segmenter.train import segmentation_loss
+from tests.conftest import write_rgb
+
+
+def test_ignored_pixels_add_no_loss_and_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[0, :2] = 255
+    target[1, :, 3:] = 255
+    valid = target != 255
+
+    loss = segmentation_loss(logits, target)
+    by_hand = -F.log_softmax(logits, 1).gather(1, target.clamp(max=3)[:, None])[:, 0][valid].mean()
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+
+    loss.backward()
+    grad = logits.grad.permute(0, 2, 3, 1)  # [B,H,W,L]
+    assert grad[~valid].abs().max() == 0  # no gradient at an ignored pixel, for any label
+    assert grad[valid].abs().min() > 0
+
+    other = logits.detach().clone()
+    other.permute(0, 2, 3, 1)[~valid] = torch.randn(int((~valid).sum()), 4) * 100  # change ignored logits only
+    assert torch.allclose(segmentation_loss(other, target), loss.detach(), atol=1e-6)
+
+
+def test_all_ignored_batch_gives_zero_loss_not_nan():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = segmentation_loss(logits, torch.full((1, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(loss) and logits.grad.abs().max() == 0
+
+
+def test_deeplabv3_outputs_logits_at_input_size():
+    net, _ = build_segmenter("smallcnn", "none", num_labels=5, channels=16, atrous_rates=[2, 4, 6])
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 37, 50))
+    assert out.shape == (2, 5, 37, 50)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net, bb = build_segmenter("smallcnn", "none", num_labels=4, channels=16, atrous_rates=[2, 4, 6])
+    path = tmp_path / "segmenter.pt"
+    save_torch(path, segmenter_state(net, backbone=bb, backbone_name="smallcnn", classes=["cat", "dog", "sofa"],
+                                     background=True, channels=16, atrous_rates=[2, 4, 6], input_size=48,
+                                     masks="pseudo"))
+    return path
+
+
+def test_predictor_probabilities_and_mirror_average(checkpoint):
+    net, ckpt = load_segmenter(checkpoint)
+    image = np.random.default_rng(0).integers(0, 255, (30, 41, 3), dtype=np.uint8)
+    probs = Predictor(net, ckpt, torch.device("cpu"), flip=True).probs(image)
+    assert probs.shape == (4, 30, 41)
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    plain = Predictor(net, ckpt, torch.device("cpu"), flip=False)
+    mirrored = plain.probs(image[:, ::-1].copy())[:, :, ::-1]
+    assert np.allclose(probs, (plain.probs(image) + mirrored) / 2, atol=1e-5)
+
+
+def test_crf_post_processing_smooths_a_noisy_prediction(checkpoint):
+    net, ckpt = load_segmenter(checkpoint)
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[:, 20:] = 255  # two flat halves
+    rng = np.random.default_rng(0)
+    probs = np.full((4, 40, 40), 0.1, np.float32)
+    probs[1, :, :20] = probs[2, :, 20:] = 0.7
+    noise = rng.random((40, 40)) < 0.15  # 15% of pixels flipped to a wrong, confident label
+    probs[:, noise] = 0.1
+    probs[3, noise] = 0.7
+    predictor = Predictor(net, ckpt, torch.device("cpu"), crf=CRFConfig())
+    truth = np.where(np.arange(40) < 20, 1, 2)[None].repeat(40, 0)
+    raw = predictor.labels(image, probs, crf=False)
+    smooth = predictor.labels(image, probs, crf=True)
+    assert (raw == truth).mean() < 0.9
+    assert (smooth == truth).mean() > 0.99
+
+
+def test_predict_command_on_two_images(tmp_path, checkpoint, capsys):
+    images = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    write_rgb(images / "first.jpg", rng.integers(0, 255, (30, 44, 3)))
+    write_rgb(images / "second.png", rng.integers(0, 255, (52, 36, 3)))
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["predict", "--images", str(images), "--out", str(out), "--checkpoint", str(checkpoint)]) == 0
+
+    net, ckpt = load_segmenter(checkpoint)
+    predictor = Predictor(net, ckpt, torch.device("cpu"), flip=True)  # the default config's segmenter.flip_test
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["first.png", "second.png"]
+    for name, (h, w) in (("first", (30, 44)), ("second", (52, 36))):
+        with Image.open(out / "masks" / f"{name}.png") as im:
+            assert im.mode == "P" and im.size == (w, h)
+            assert im.getpalette()[:12] == voc_palette()[:12]
+            mask = np.asarray(im)
+        image = np.asarray(Image.open(images / f"{name}{'.jpg' if name == 'first' else '.png'}").convert("RGB"))
+        assert np.array_equal(mask, predictor.labels(image))
+        with Image.open(out / "overlays" / f"{name}.jpg") as im:
+            assert im.format == "JPEG" and im.size == (w, h)
+    legend = json.loads((out / "legend.json").read_text())
+    assert [legend[k]["name"] for k in sorted(legend, key=int)] == ["background", "cat", "dog", "sofa"]
+    assert legend["1"]["rgb"] == voc_palette()[3:6]
+
+
+def test_predict_command_errors_in_one_line(tmp_path, checkpoint, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", "--images", str(empty), "--out", str(tmp_path / "o"), "--checkpoint",
+                 str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {empty}: no images in it")
+    missing = tmp_path / "nothing.pt"
+    assert main(["predict", "--images", str(empty), "--out", str(tmp_path / "o"), "--checkpoint",
+                 str(missing)]) == 2
+    assert f"{missing}: segmenter checkpoint not found" in capsys.readouterr().err
+
+
+def test_overlay_blends_label_colours_and_keeps_ignored_pixels():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[0, 1], [255, 2]], np.uint8)
+    out = overlay(image, labels, alpha=0.5)
+    pal = np.asarray(voc_palette()).reshape(-1, 3)
+    assert np.array_equal(out[0, 1], np.round((100 + pal[1]) / 2).astype(np.uint8))
+    assert np.array_equal(out[1, 0], image[1, 0])
+
+
+def tiny_config(tmp_path, root, **segmenter) -> str:
+    import yaml
+
+    cfg = {"run_dir": str(tmp_path / "run"), "device": "cpu", "data": {"kind": "voc", "root": str(root)},
+           "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 1, "batch_size": 2},
+           "maps": {"flip": False}, "refine": {"workers": "1", "refiners": ["threshold"]},
+           "segmenter": {"backbone": "smallcnn", "pretrained": "none", "channels": 8, "atrous_rates": [1, 2, 3],
+                         "input_size": 32, "crop_size": 32, "epochs": 2, "batch_size": 2, **segmenter}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_segmenter_on_gt_masks_has_no_twin(tiny_voc, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_voc(True), masks="gt")
+    assert main(["all", "--config", cfg]) == 0
+    run = tmp_path / "run"
+    assert (run / "segmenter.pt").exists() and not (run / "segmenter_gt.pt").exists()
+    assert torch.load(run / "segmenter.pt", weights_only=False)["masks"] == "gt"
+    seg = json.loads((run / "metrics.json").read_text())["segmenter"]
+    assert seg["split"] == "val" and list(seg["models"]) == ["segmenter"]
+    assert seg["models"]["segmenter"]["masks"] == "gt"
+    assert "upper_bound_miou" not in seg and 0 <= seg["miou"] <= 1
+    assert len(json.loads((run / "segmenter_log.json").read_text())) == 2
+
+
+def test_segmenter_needs_the_export_first(tiny_voc, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_voc(True))
+    assert main(["train_segmenter", "--config", cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'run' / 'pseudo_masks'}: no exported pseudo-masks (run the export stage "
+                   "first, or set segmenter.masks: gt)"]
+
+
+def test_disabled_segmenter_is_skipped_and_not_scored(tiny_voc, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_voc(True), enabled=False)
+    assert main(["all", "--config", cfg]) == 0
+    run = tmp_path / "run"
+    assert not (run / "segmenter.pt").exists() and not (run / "train_segmenter.done.json").exists()
+    assert "segmenter" not in json.loads((run / "metrics.json").read_text())
