@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WSSS := $(PY) -m pipeline.cli
 STAGE_NAMES := train_classifier make_maps refine export train_segmenter evaluate report
 
-.PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp bench_executors
+.PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
 
 install: $(VENV)/.installed
 
@@ -33,10 +33,11 @@ bench: install
 	$(PY) -m bench.bench_refine
 	$(PY) -m bench.bench_maps $(BENCH_MAPS_ARGS)
 
-# Data-parallel classifier training on NPROC processes (GPUs, or CPU with gloo); README "Scaling".
+# Data-parallel training of the classifier or the segmenter on NPROC processes (GPUs, or CPU with gloo);
+# README "Scaling".
 NPROC ?= 2
-train_classifier_ddp: install
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m pipeline.cli train_classifier --config $(CONFIG)
+train_classifier_ddp train_segmenter_ddp: install
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m pipeline.cli $(@:_ddp=) --config $(CONFIG)
 
 # make_maps and refine, local against Ray, on a finished run; e.g.
 # BENCH_EXECUTORS_ARGS='--config configs/msrc21.yaml --source runs/msrc21 --images 48'
