@@ -203,6 +203,10 @@ class ExportConfig:
     # auto = the best refiner that refine ran, in the order measured on MSRC-21 and the synthetic set
     # (graphcut, then crf, then threshold; README "Refinement"), or name one of refine.refiners
     refiner: str = "auto"
+    # refiners that must agree with the exported one: a pixel where any of them gives another class is
+    # exported as 255, so the segmenter skips it (MSRC-21 train: graphcut with crf keeps 86% of the pixels
+    # at 87.5% accuracy, against 82% for graphcut alone)
+    agree_with: list[str] = field(default_factory=list)
     images: Literal["link", "copy"] = "link"
 
 

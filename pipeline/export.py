@@ -2,7 +2,8 @@
 
 ``pseudo_masks/`` holds JPEGImages/ (links or copies), SegmentationClass/ (palette PNGs in the source
 dataset's label index space, 255 = ignore), ImageSets/Segmentation/train.txt, classes.txt, labels.csv
-and manifest.json (per image: classes, coverage of each class, ignore ratio). It is a VOC-layout
+and manifest.json (per image: classes, coverage of each class, ignore ratio). With ``agree_dirs`` a pixel
+is kept only where every one of those refiners gives the same class, and is 255 elsewhere. It is a VOC-layout
 dataset the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
 """
 
@@ -18,11 +19,12 @@ from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
 from pipeline.errors import DataError, UserError
-from pipeline.runfolder import atomic_dir, write_json, write_text
+from pipeline.runfolder import atomic_dir, save_label_png, write_json, write_text
 
 
 def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images: str = "link",
-                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                        provenance: dict[str, Any] | None = None,
+                        agree_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest."""
     names = ds.label_names
     manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
@@ -32,10 +34,12 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
             (tmp / sub).mkdir(parents=True)
         for s in tqdm(ds.samples, desc="export", leave=False):
             src = refined_dir / f"{s.id}.png"
-            if not src.exists():
-                raise DataError(f"{src}: refined label map not found (run the refine stage)")
-            label = read_mask(src)
-            shutil.copyfile(src, tmp / "SegmentationClass" / f"{s.id}.png")
+            label = _refined(src)
+            if agree_dirs:
+                label = consensus(label, [_refined(d / src.name) for d in agree_dirs])
+                save_label_png(tmp / "SegmentationClass" / src.name, label)
+            else:
+                shutil.copyfile(src, tmp / "SegmentationClass" / src.name)
             _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}", images)
             counts = np.bincount(label.ravel(), minlength=256)
             n = label.size
@@ -53,6 +57,20 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         manifest["summary"] = {"images": len(ids), "mean_ignore_ratio": round(float(np.mean(ratios)), 4)}
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def consensus(label: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
+    """``label`` where every one of ``others`` gives the same class, 255 (ignore) elsewhere."""
+    keep = np.ones(label.shape, bool)
+    for other in others:
+        keep &= other == label
+    return np.where(keep, label, IGNORE).astype(np.uint8)
+
+
+def _refined(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"{path}: refined label map not found (run the refine stage)")
+    return read_mask(path)
 
 
 def _place_image(src: Path, dst: Path, images: str) -> None:

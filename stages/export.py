@@ -24,6 +24,14 @@ def export_refiner(name: str, refiners: list[str]) -> str:
     return name
 
 
+def agreeing_refiners(names: list[str], refiner: str, refiners: list[str]) -> list[str]:
+    """The refiners of ``export.agree_with`` other than the exported one; each must be among refine.refiners."""
+    for name in names:
+        if name not in refiners:
+            raise ConfigError(f"config key 'export.agree_with': {name!r} is not among refine.refiners {refiners}")
+    return [n for n in dict.fromkeys(names) if n != refiner]
+
+
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, e = cfg.run_path, cfg.export
     refiner = export_refiner(e.refiner, cfg.refine.refiners)
@@ -35,8 +43,12 @@ def run(cfg: Config, force: bool = False) -> None:
     stage.begin(fresh=force)
 
     ds = maps_dataset(cfg)
+    agree = agreeing_refiners(e.agree_with, refiner, cfg.refine.refiners)
     manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
-                                   provenance={"refiner": refiner, "map_method": cfg.refine.method})
-    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner,
-             cfg.refine.method, run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
+                                   provenance={"refiner": refiner, "map_method": cfg.refine.method,
+                                               "agree_with": agree},
+                                   agree_dirs=tuple(run_dir / "refined" / r for r in agree))
+    log.info("export: %d pseudo-masks (%s on %s%s) in %s, mean ignore ratio %.1f%%", len(ds), refiner,
+             cfg.refine.method, f", kept where {' and '.join(agree)} agree" if agree else "",
+             run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
     stage.finish(images=len(ds))
