@@ -232,6 +232,9 @@ class SegmenterConfig:
     weight_decay: float = 1e-4
     workers: int = 0
     flip_test: bool = True  # predictions average the image and its mirror image
+    # multi-scale testing: predictions average the resized image scaled by each factor (MSRC-21 val mIoU:
+    # 0.565 with [1.0], 0.594 with [1.0, 1.25, 1.5]; GT twin 0.741 -> 0.777); each scale costs a forward
+    test_scales: list[float] = field(default_factory=lambda: [1.0])
     crf: bool = False  # dense-CRF post-processing of predictions (kernels of refine.crf); scored beside raw
 
 

@@ -93,10 +93,11 @@ def evaluate_baselines(ds: SegDataset, gts: dict[str, np.ndarray]) -> dict[str, 
 
 
 def evaluate_segmenters(run_dir: Path, val: SegDataset, device, flip: bool, crf: CRFConfig | None,
-                        upper_bound: bool) -> dict[str, Any]:
+                        upper_bound: bool, scales: tuple[float, ...] = (1.0,)) -> dict[str, Any]:
     """The segmenter (``segmenter.pt``) and, with ``upper_bound``, its GT twin (``segmenter_gt.pt``) on the val
     split's GT: ``miou``, ``upper_bound_miou`` and ``ratio`` (their quotient), then the same with the CRF
-    post-processing (``crf_*``) when ``crf`` is given; the full scores of each under ``models.<checkpoint name>``."""
+    post-processing (``crf_*``) when ``crf`` is given; the full scores of each under ``models.<checkpoint name>``.
+    Predictions average the mirror image with ``flip`` and the ``scales`` (multi-scale testing)."""
     from pipeline.models.segmenter import load_segmenter
     from pipeline.segmenter.predict import Predictor, score_segmenter
 
@@ -104,7 +105,7 @@ def evaluate_segmenters(run_dir: Path, val: SegDataset, device, flip: bool, crf:
     for name in ("segmenter", "segmenter_gt") if upper_bound else ("segmenter",):
         path = Path(run_dir) / f"{name}.pt"
         net, ckpt = load_segmenter(path, device)
-        confs = score_segmenter(Predictor(net, ckpt, device, flip, crf), val, desc=f"score {name}")
+        confs = score_segmenter(Predictor(net, ckpt, device, flip, crf, scales), val, desc=f"score {name}")
         scores[name] = {"masks": ckpt["masks"], **score_summary(confs["raw"], val)}
         if "crf" in confs:
             scores[name]["crf"] = score_summary(confs["crf"], val)

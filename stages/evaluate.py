@@ -28,6 +28,7 @@ from pipeline.runfolder import (
     write_json,
     write_text,
 )
+from pipeline.segmenter.predict import test_scales
 from stages.common import log, maps_dataset, masks_fingerprint
 
 UPSTREAM = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt")
@@ -93,4 +94,5 @@ def _segmenter_metrics(cfg: Config) -> dict | None:
     upper = s.masks == "pseudo" and s.upper_bound and stage_fingerprint(run_dir, "train_segmenter_gt") is not None
     crf = cfg.refine.crf if s.crf else None
     return {"split": cfg.data.val_split,
-            **evaluate_segmenters(run_dir, val, resolve_device(cfg.device), s.flip_test, crf, upper)}
+            **evaluate_segmenters(run_dir, val, resolve_device(cfg.device), s.flip_test, crf, upper,
+                                  test_scales(s.test_scales))}

@@ -25,7 +25,7 @@ from pipeline.segmenter.train import labelled_samples, train_segmenter
 from stages.common import dataset_fingerprint, log, maps_dataset, masks_fingerprint, weights_fingerprint
 
 # Keys that change how a trained segmenter is used or whether it runs, not its weights.
-NOT_TRAINING = ("enabled", "upper_bound", "crf", "flip_test")
+NOT_TRAINING = ("enabled", "upper_bound", "crf", "flip_test", "test_scales")
 
 
 def _pseudo_masks(cfg: Config, ds: SegDataset) -> Callable[[], list[Sample]]:

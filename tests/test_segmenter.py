@@ -12,9 +12,11 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import CRFConfig
+from pipeline.errors import ConfigError
 from pipeline.models.segmenter import build_segmenter, load_segmenter, segmenter_state
 from pipeline.runfolder import save_torch, voc_palette
 from pipeline.segmenter.predict import Predictor, overlay
+from pipeline.segmenter.predict import test_scales as checked_scales
 from pipeline.segmenter.train import segmentation_loss
 from tests.conftest import write_rgb
 
@@ -76,6 +78,23 @@ def test_predictor_probabilities_and_mirror_average(checkpoint):
     plain = Predictor(net, ckpt, torch.device("cpu"), flip=False)
     mirrored = plain.probs(image[:, ::-1].copy())[:, :, ::-1]
     assert np.allclose(probs, (plain.probs(image) + mirrored) / 2, atol=1e-5)
+
+
+def test_multi_scale_testing_averages_the_scales(checkpoint):
+    net, ckpt = load_segmenter(checkpoint)
+    image = np.random.default_rng(1).integers(0, 255, (30, 41, 3), dtype=np.uint8)
+    at = {s: Predictor(net, ckpt, torch.device("cpu"), scales=(s,)).probs(image) for s in (0.5, 1.0, 1.5)}
+    assert all(p.shape == (4, 30, 41) and np.allclose(p.sum(0), 1, atol=1e-5) for p in at.values())
+    assert np.allclose(at[1.0], Predictor(net, ckpt, torch.device("cpu")).probs(image), atol=1e-6)  # the default
+    seen = []
+    handle = net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    multi = Predictor(net, ckpt, torch.device("cpu"), scales=(0.5, 1.0, 1.5)).probs(image)
+    handle.remove()
+    assert seen == [(2, 3, 18, 24), (2, 3, 35, 48), (2, 3, 52, 72)]  # longest side 48 (input_size) x scale, + mirror
+    assert np.allclose(multi, (at[0.5] + at[1.0] + at[1.5]) / 3, atol=1e-5)
+    for bad in ([], [1.0, 0.0]):
+        with pytest.raises(ConfigError, match="config key 'segmenter.test_scales'"):
+            checked_scales(bad)
 
 
 def test_crf_post_processing_smooths_a_noisy_prediction(checkpoint):

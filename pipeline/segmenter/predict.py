@@ -2,9 +2,11 @@
 scoring against ground truth, and the ``predict`` command (a folder of images -> palette masks + overlays).
 
 An image is resized so that its longest side is the checkpoint's ``input_size`` (as in training), and the
-softmax probabilities are resized back to the image. The CRF post-processing is the refinement's dense CRF
-(``pipeline.refine.crf.crf_posterior``, kernels from ``refine.crf``) with the segmenter's probabilities as
-the unary, so it needs ``pydensecrf`` only when it is asked for.
+softmax probabilities are resized back to the image. With ``scales`` the network also sees the resized
+image scaled by each factor (multi-scale testing, as DeepLab evaluates), and the probabilities are
+averaged. The CRF post-processing is the refinement's dense CRF (``pipeline.refine.crf.crf_posterior``,
+kernels from ``refine.crf``) with the segmenter's probabilities as the unary, so it needs ``pydensecrf``
+only when it is asked for.
 """
 
 from __future__ import annotations
@@ -24,30 +26,44 @@ from pipeline.data import SegDataset, read_image, read_mask
 from pipeline.data.dataset import IMAGE_EXTENSIONS
 from pipeline.data.transforms import segmenter_eval_transform, to_chw
 from pipeline.device import autocast
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import ConfusionMatrix
 from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
+
+
+def test_scales(scales: list[float]) -> tuple[float, ...]:
+    """``segmenter.test_scales``, checked: at least one factor, each above 0."""
+    if not scales or any(not scale > 0 for scale in scales):
+        raise ConfigError(f"config key 'segmenter.test_scales': expected a list of factors above 0, got {scales}")
+    return tuple(scales)
 
 
 class Predictor:
     """A trained segmenter with its checkpoint's preprocessing: ``probs(image)`` and ``labels(image)``."""
 
     def __init__(self, net: nn.Module, ckpt: dict[str, Any], device: torch.device, flip: bool = True,
-                 crf: CRFConfig | None = None):
+                 crf: CRFConfig | None = None, scales: tuple[float, ...] = (1.0,)):
         self.net, self.device, self.flip, self.crf = net.eval(), device, flip, crf
+        self.scales = tuple(scales)
         self.transform = segmenter_eval_transform(ckpt["input_size"], ckpt["mean"], ckpt["std"])
         self.num_labels = len(ckpt["classes"]) + int(ckpt["background"])
 
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> label probabilities [L,H,W] float32 at the image's size."""
+        """HxWx3 uint8 RGB -> label probabilities [L,H,W] float32 at the image's size, averaged over the
+        scales (and the mirror image with ``flip``)."""
         x = to_chw(self.transform(image=image)["image"])[None].to(self.device)
-        with autocast(self.device):
-            logits = self.net(torch.cat([x, x.flip(-1)]) if self.flip else x).float()
-        p = logits.softmax(1)
-        p = (p[:1] + p[1:].flip(-1)) / 2 if self.flip else p
-        p = F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-        return p.cpu().numpy()
+        total = None
+        for scale in self.scales:
+            xs = x if scale == 1 else F.interpolate(
+                x, size=[max(1, round(n * scale)) for n in x.shape[-2:]], mode="bilinear", align_corners=False)
+            with autocast(self.device):
+                logits = self.net(torch.cat([xs, xs.flip(-1)]) if self.flip else xs).float()
+            p = logits.softmax(1)
+            p = (p[:1] + p[1:].flip(-1)) / 2 if self.flip else p
+            p = F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            total = p if total is None else total + p
+        return (total / len(self.scales)).cpu().numpy()
 
     def labels(self, image: np.ndarray, probs: np.ndarray | None = None, crf: bool | None = None) -> np.ndarray:
         """uint8 labels [H,W] in the label index space; with the CRF when ``crf`` (default: if configured)."""
