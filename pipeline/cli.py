@@ -98,14 +98,14 @@ def _predict(cfg, args: argparse.Namespace, log: logging.Logger) -> None:
 
     from pipeline.device import resolve_device
     from pipeline.models.segmenter import load_segmenter
-    from pipeline.segmenter.predict import Predictor, predict_folder, test_scales
+    from pipeline.segmenter.predict import Predictor, checked_scales, predict_folder
 
     device = resolve_device(cfg.device)
     path = Path(args.checkpoint) if args.checkpoint else cfg.run_path / "segmenter.pt"
     net, ckpt = load_segmenter(path, device)
     crf = cfg.refine.crf if (args.crf or cfg.segmenter.crf) else None
     names = (["background"] if ckpt["background"] else []) + list(ckpt["classes"])
-    scales = test_scales(cfg.segmenter.test_scales)
+    scales = checked_scales(cfg.segmenter.test_scales)
     n = predict_folder(Predictor(net, ckpt, device, cfg.segmenter.flip_test, crf, scales), names, Path(args.images),
                        Path(args.out))
     log.info("predict: %d images -> %s (masks/, overlays/, legend.json)%s", n, args.out, " with CRF" if crf else "")

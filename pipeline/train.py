@@ -82,16 +82,19 @@ def training_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     return {"bce": F.binary_cross_entropy_with_logits(net(x).float(), y)}
 
 
-class _LossNet(nn.Module):
-    """``forward(x, y)`` = the training losses of ``net``: what DDP wraps, so that its forward (the one that
-    prepares the gradient all-reduce) is the one that computes the losses."""
+Losses = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
-    def __init__(self, net: nn.Module):
+
+class LossNet(nn.Module):
+    """``forward(x, y)`` = ``losses(net, x, y)``, the training losses of ``net`` (the classifier's by default):
+    what DDP wraps, so that its forward (the one that prepares the gradient all-reduce) computes the losses."""
+
+    def __init__(self, net: nn.Module, losses: Losses = training_losses):
         super().__init__()
-        self.net = net
+        self.net, self.losses = net, losses
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return training_losses(self.net, x, y)
+        return self.losses(self.net, x, y)
 
 
 def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -126,7 +129,7 @@ def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: C
         scores = ctx.gather_rows(torch.from_numpy(local), len(val)).numpy()
         return {"val_map": mean_average_precision(scores, val.targets)}
 
-    return fit(_LossNet(net), net, backbone_params, cfg, "classifier", train, validate, seed, resume_path,
+    return fit(LossNet(net), net, backbone_params, cfg, "classifier", train, validate, seed, resume_path,
                fingerprint, ctx)
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.data import SegDataset, load_dataset
+from pipeline.data import SegDataset, load_dataset, spread
 from pipeline.runfolder import files_fingerprint, fingerprint
 
 log = logging.getLogger("stages")
@@ -16,9 +16,7 @@ def maps_dataset(cfg: Config) -> SegDataset:
     """The images that get maps, refined labels and pseudo-masks: ``maps.split``, or ``maps.limit`` of its
     images spread evenly over it (a split file is often sorted by class: its first images show few classes)."""
     ds = load_dataset(cfg.data, cfg.maps.split)
-    n, limit = len(ds.samples), cfg.maps.limit
-    if limit is not None and limit < n:
-        ds.samples = [ds.samples[i * n // limit] for i in range(limit)]
+    ds.samples = spread(ds.samples, cfg.maps.limit)
     return ds
 
 

@@ -28,7 +28,7 @@ from pipeline.runfolder import (
     write_json,
     write_text,
 )
-from pipeline.segmenter.predict import test_scales
+from pipeline.segmenter.predict import checked_scales
 from stages.common import log, maps_dataset, masks_fingerprint
 
 UPSTREAM = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt")
@@ -95,4 +95,4 @@ def _segmenter_metrics(cfg: Config) -> dict | None:
     crf = cfg.refine.crf if s.crf else None
     return {"split": cfg.data.val_split,
             **evaluate_segmenters(run_dir, val, resolve_device(cfg.device), s.flip_test, crf, upper,
-                                  test_scales(s.test_scales))}
+                                  checked_scales(s.test_scales))}

@@ -19,22 +19,26 @@ def export_refiner(name: str, refiners: list[str]) -> str:
         if not ran:
             raise ConfigError("config key 'refine.refiners' is empty: there is nothing to export")
         return ran[0]
-    if name not in refiners:
-        raise ConfigError(f"config key 'export.refiner': {name!r} is not among refine.refiners {refiners}")
+    _check_refined("export.refiner", name, refiners)
     return name
 
 
 def agreeing_refiners(names: list[str], refiner: str, refiners: list[str]) -> list[str]:
     """The refiners of ``export.agree_with`` other than the exported one; each must be among refine.refiners."""
     for name in names:
-        if name not in refiners:
-            raise ConfigError(f"config key 'export.agree_with': {name!r} is not among refine.refiners {refiners}")
+        _check_refined("export.agree_with", name, refiners)
     return [n for n in dict.fromkeys(names) if n != refiner]
+
+
+def _check_refined(key: str, name: str, refiners: list[str]) -> None:
+    if name not in refiners:
+        raise ConfigError(f"config key '{key}': {name!r} is not among refine.refiners {refiners}")
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, e = cfg.run_path, cfg.export
     refiner = export_refiner(e.refiner, cfg.refine.refiners)
+    agree = agreeing_refiners(e.agree_with, refiner, cfg.refine.refiners)  # both checked before anything changes
     fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"))
     stage = Stage(run_dir, "export", fp)
     if stage.is_done() and not force:
@@ -43,7 +47,6 @@ def run(cfg: Config, force: bool = False) -> None:
     stage.begin(fresh=force)
 
     ds = maps_dataset(cfg)
-    agree = agreeing_refiners(e.agree_with, refiner, cfg.refine.refiners)
     manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
                                    provenance={"refiner": refiner, "map_method": cfg.refine.method,
                                                "agree_with": agree},

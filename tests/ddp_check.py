@@ -26,7 +26,7 @@ from torch.utils.data import Subset, TensorDataset
 from pipeline.distributed import DistContext, init_distributed
 from pipeline.metrics import mean_average_precision
 from pipeline.models import build_classifier
-from pipeline.train import _LossNet, predict_scores
+from pipeline.train import LossNet, predict_scores
 
 NUM_CLASSES = 5
 
@@ -54,7 +54,7 @@ def check(ctx: DistContext, backbone: str, dtype: torch.dtype, sgd_steps: int) -
     net, _ = build_classifier("cam", backbone, "none", NUM_CLASSES)
     net = net.to(dtype)
     ref = copy.deepcopy(net)
-    model = ctx.wrap(_LossNet(net))
+    model = ctx.wrap(LossNet(net))
     results: dict[str, float] = {}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -63,7 +63,7 @@ def check(ctx: DistContext, backbone: str, dtype: torch.dtype, sgd_steps: int) -
         _, scale = ctx.reduce_losses({"loss": loss}, len(x[r::n]))
         (loss * scale).backward()
         if ctx.is_main:
-            sum(_LossNet(ref)(x, y).values()).backward()
+            sum(LossNet(ref)(x, y).values()).backward()
 
     step(*batch(0, 5))  # 3 + 2 samples
     results["uneven"] = rel(grads(ref), grads(net)) if ctx.is_main else 0.0

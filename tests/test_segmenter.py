@@ -15,8 +15,7 @@ from pipeline.config import CRFConfig
 from pipeline.errors import ConfigError
 from pipeline.models.segmenter import build_segmenter, load_segmenter, segmenter_state
 from pipeline.runfolder import save_torch, voc_palette
-from pipeline.segmenter.predict import Predictor, overlay
-from pipeline.segmenter.predict import test_scales as checked_scales
+from pipeline.segmenter.predict import Predictor, checked_scales, overlay
 from pipeline.segmenter.train import segmentation_loss
 from tests.conftest import write_rgb
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask
+from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask, spread
 from pipeline.data.folder import read_folder
 from pipeline.data.voc import read_voc
 
 __all__ = ["IGNORE", "Sample", "SegDataset", "check_mask_sizes", "load_dataset", "prepare_data", "read_image",
-           "read_mask"]
+           "read_mask", "spread"]
 
 READERS = {"voc": read_voc, "synthetic": read_voc, "folder": read_folder}
 

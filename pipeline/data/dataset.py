@@ -131,6 +131,13 @@ def check_mask_sizes(ds: SegDataset) -> None:
             _check_mask_shape(s.mask_path, (h, w), image_shape(s.image_path))
 
 
+def spread(items: list, limit: int | None) -> list:
+    """``limit`` items spread evenly over ``items`` (all of them when limit is None or larger): a split file
+    is often sorted by class, so its first images show few classes."""
+    n = len(items)
+    return items if limit is None or limit >= n else [items[i * n // limit] for i in range(limit)]
+
+
 def find_image(folder: Path, stem: str) -> Path:
     for ext in IMAGE_EXTENSIONS:
         for cand in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):

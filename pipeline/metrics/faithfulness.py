@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = 255
+from pipeline.data import IGNORE, read_image, spread
+
 Base = Literal["black", "blur"]
 # On CPU a forward takes at most this many pixels (16 images of 128 x 128, 3 of 320 x 213): larger batches are
 # no faster there, and their large temporaries cost as much system time (page faults) as the forwards themselves.
@@ -283,12 +284,6 @@ class Accumulator:
 # ----------------------------------------------------------------------------------- a run's methods
 
 
-def spread(items: list, limit: int | None) -> list:
-    """``limit`` items spread evenly over ``items`` (all of them when limit is None or larger)."""
-    n = len(items)
-    return items if limit is None or limit >= n else [items[i * n // limit] for i in range(limit)]
-
-
 def _digest(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -310,7 +305,6 @@ def evaluate_faithfulness(model: nn.Module, ckpt: dict[str, Any], ds, gts: dict[
     """
     from tqdm import tqdm
 
-    from pipeline.data import read_image
     from pipeline.errors import DataError
     from pipeline.maps.io import load_maps
     from pipeline.runfolder import fingerprint, read_json, write_json

@@ -246,10 +246,9 @@ class ReportBuilder:
 
     # --------------------------------------------------------------------------------------- samples
     def samples(self) -> str:
-        from pipeline.data import read_image, read_mask
+        from pipeline.data import read_image, read_mask, spread
         from pipeline.errors import DataError
         from pipeline.maps.io import load_maps
-        from pipeline.metrics.faithfulness import spread
 
         ds, opts = self.ds, self.opts
         methods = [m for m in self.methods if (self.run / "maps" / m).is_dir()]

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import CRFConfig
-from pipeline.data import SegDataset, read_image, read_mask
+from pipeline.data import IGNORE, SegDataset, read_image, read_mask
 from pipeline.data.dataset import IMAGE_EXTENSIONS
 from pipeline.data.transforms import segmenter_eval_transform, to_chw
 from pipeline.device import autocast
@@ -31,7 +31,7 @@ from pipeline.metrics import ConfusionMatrix
 from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
 
 
-def test_scales(scales: list[float]) -> tuple[float, ...]:
+def checked_scales(scales: list[float]) -> tuple[float, ...]:
     """``segmenter.test_scales``, checked: at least one factor, each above 0."""
     if not scales or any(not scale > 0 for scale in scales):
         raise ConfigError(f"config key 'segmenter.test_scales': expected a list of factors above 0, got {scales}")
@@ -95,7 +95,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
     palette = np.asarray(voc_palette(), dtype=np.float32).reshape(-1, 3)
     colour = palette[labels]
     out = image.astype(np.float32)
-    keep = labels != 255
+    keep = labels != IGNORE
     out[keep] = (1 - alpha) * out[keep] + alpha * colour[keep]
     return out.round().astype(np.uint8)
 

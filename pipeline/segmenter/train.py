@@ -22,7 +22,7 @@ from pipeline.data.transforms import segmenter_train_transform, to_chw
 from pipeline.distributed import DistContext
 from pipeline.errors import ConfigError, DataError
 from pipeline.segmenter.predict import Predictor, score_segmenter
-from pipeline.train import fit
+from pipeline.train import LossNet, fit
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,15 +67,9 @@ def labelled_samples(ds: SegDataset, what: str) -> list[Sample]:
     return list(ds.samples)
 
 
-class _SegLoss(nn.Module):
-    """``forward(x, y)`` = the segmenter's loss: what DDP wraps (see ``pipeline.train.fit``)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ce": segmentation_loss(self.net(x), y)}
+def segmenter_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The segmenter's training loss (``pipeline.train.LossNet`` wraps it for the training loop)."""
+    return {"ce": segmentation_loss(net(x), y)}
 
 
 def labelled_pixels(x: torch.Tensor, y: torch.Tensor) -> int:
@@ -114,5 +108,5 @@ def train_segmenter(net: nn.Module, backbone_params: list[nn.Parameter], ckpt_in
         conf.mat = ctx.all_reduce_sum(torch.from_numpy(conf.mat)).numpy()
         return {"val_miou": round(conf.miou(), 4)}
 
-    return fit(_SegLoss(net), net, backbone_params, cfg, "segmenter", train, validate, seed, resume_path,
-               fingerprint, ctx, count=labelled_pixels, name=name)
+    return fit(LossNet(net, segmenter_losses), net, backbone_params, cfg, "segmenter", train, validate, seed,
+               resume_path, fingerprint, ctx, count=labelled_pixels, name=name)
