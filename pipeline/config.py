@@ -91,6 +91,7 @@ class ScoreCAMConfig:
     baseline: float | str = 0.0  # X_b: a value (in normalised input units) or "mean" (the image's mean colour)
     probability: Literal["auto", "sigmoid", "softmax", "logit"] = "auto"  # auto: sigmoid if the model is multi-label
     chunk: int = 64  # masked inputs per forward: bounds memory
+    stem: Literal["auto", "basis", "conv"] = "auto"  # first convolution from a per-image basis (auto: if cheaper)
 
 
 @dataclass

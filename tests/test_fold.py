@@ -52,3 +52,23 @@ def test_inference_copy_falls_back_when_folding_would_change_the_scores():
     assert _count_bn(copy) == 1  # ... the probe catches it and the copy keeps its BatchNorm
     with torch.no_grad():
         torch.testing.assert_close(copy(x), model(x))
+
+
+def test_inference_copy_is_reused_until_the_model_changes():
+    model = _randomise_bn(torchvision.models.resnet18(num_classes=5).eval())
+    x = torch.randn(1, 3, 32, 32)
+    first = inference_copy(model, x)
+    assert inference_copy(model, torch.randn(1, 3, 48, 48)) is first  # any probe: the same model, the same copy
+    with torch.no_grad():
+        model.fc.weight.mul_(2)  # an in-place update
+    second = inference_copy(model, x)
+    assert second is not first
+    with torch.no_grad():
+        torch.testing.assert_close(second(x), model(x), atol=1e-5, rtol=1e-4)
+    model.load_state_dict(torchvision.models.resnet18(num_classes=5).state_dict())
+    third = inference_copy(model, x)
+    assert third is not second
+    with torch.no_grad():
+        torch.testing.assert_close(third(x), model(x), atol=1e-5, rtol=1e-4)
+    model.train()  # a copy for training-mode forwards keeps its BatchNorms
+    assert inference_copy(model, x) is not third and _count_bn(inference_copy(model, x)) > 0

@@ -122,18 +122,21 @@ def test_scorecam_matches_naive_loop(tiny, batch, baseline):
     torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-4)
 
 
-def test_chunks_and_one_set_of_masked_forwards_per_image(tiny, batch):
+def test_chunks_and_one_set_of_masked_forwards_per_image(batch):
     x, classes = batch
+    tiny = TinyNet()  # its own inference copy, made (with the hook below) by the first call, reused after
     maps, sizes = {}, []
     handle = tiny.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
     try:
         for chunk in (1, 3, 10_000):
             sizes.clear()
             maps[chunk] = get_map_method("scorecam")(tiny, x, classes, chunk=chunk)
-            # the images (for A), the first image through the model and its folded copy (the fold's check),
-            # the constant baseline once, then the 13 distinct non-constant channels x the 2 images with
-            # classes, whatever the number of classes asked for
-            assert sizes[:4] == [3, 1, 1, 1] and sum(sizes[4:]) == 26 and max(sizes[4:]) == min(chunk, 26)
+            # the images (for A), on the first call the first image through the model and its folded copy (the
+            # fold's check), the constant baseline once, then the 13 distinct non-constant channels x the 2
+            # images with classes, whatever the number of classes asked for
+            head = [3, 1, 1, 1] if chunk == 1 else [3, 1]
+            assert sizes[:len(head)] == head
+            assert sum(sizes[len(head):]) == 26 and max(sizes[len(head):]) == min(chunk, 26)
     finally:
         handle.remove()
     torch.testing.assert_close(maps[1], maps[10_000], atol=1e-6, rtol=1e-5)
@@ -216,3 +219,81 @@ def test_peers_torchcam_scorecam_and_sscam(tiny, batch):
             for c in range(4):
                 tiny(x)
                 torch.testing.assert_close(peer(class_idx=c, normalized=False)[0], ours[:, c], atol=1e-5, rtol=1e-4)
+
+
+class StemNet(nn.Module):
+    """A ResNet-like stem, 7 x 7 x 3 convolution (stride 2) + BatchNorm, then two stride-2 convolutions:
+    ``backbone`` is 4 x 4 at 32 px, so its 18 basis maps are cheaper than the stem's 147 weights per output.
+    ``reads_input``: the score also reads the input itself (past the first layer), as no CNN classifier
+    does, so the stem basis must be refused."""
+
+    multilabel = True
+
+    def __init__(self, reads_input: bool = False):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.backbone = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(16, 4)
+        self.reads_input = reads_input
+        with torch.no_grad():
+            self.stem[1].running_mean.uniform_(-0.2, 0.2)
+            self.stem[1].running_var.uniform_(0.5, 2.0)
+            self.classifier.weight.mul_(4)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.classifier(self.backbone(self.stem(x)).mean(dim=(2, 3)))
+        return scores + x.mean(dim=(1, 2, 3))[:, None] if self.reads_input else scores
+
+
+@pytest.fixture()
+def basis_calls(monkeypatch) -> list[int]:
+    """The rows of every masked-forward chunk that goes through the stem basis."""
+    from pipeline.maps.stem_basis import StemBasis
+
+    calls: list[int] = []
+    original = StemBasis.__call__
+
+    def spy(self, b, k):
+        calls.append(b.numel())
+        return original(self, b, k)
+
+    monkeypatch.setattr(StemBasis, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize("baseline", [0.0, "mean"])
+def test_stem_basis_matches_naive_loop(batch, basis_calls, baseline):
+    """stem(X_b + H^k * D) from the per-image basis gives the paper's maps, chunked or not."""
+    x, classes = batch
+    net = StemNet()
+    naive = naive_scorecam(net, x, classes, torch.sigmoid, baseline=baseline)
+    assert (naive[classes].flatten(1).amax(1) > 0).sum() >= 2
+    for stem, chunk in (("auto", 64), ("basis", 5), ("conv", 64)):
+        basis_calls.clear()
+        ours = get_map_method("scorecam")(net, x, classes, baseline=baseline, chunk=chunk, stem=stem)
+        torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-4)
+        forwarded = sum(basis_calls) - 2  # the check's two rows
+        assert (forwarded > 0) == (stem != "conv") and max(basis_calls, default=0) <= chunk
+
+
+def test_stem_basis_only_where_it_applies_and_pays(tiny, batch, basis_calls):
+    x, classes = batch
+    get_map_method("scorecam")(tiny, x, classes)  # a 3 x 3 stem (27 weights), a 16 x 16 layer (258 terms)
+    get_map_method("sscam")(StemNet(), x, classes, n=2, sigma=0.2)  # noise is not in the basis' span
+    assert basis_calls == []
+    reads = StemNet(reads_input=True)
+    ours = get_map_method("scorecam")(reads, x, classes)  # the check fails: the plain masked forwards
+    torch.testing.assert_close(ours, naive_scorecam(reads, x, classes, torch.sigmoid), atol=1e-5, rtol=1e-4)
+    assert basis_calls == [2]
+    with pytest.raises(ValueError, match="stem: basis"):
+        get_map_method("scorecam")(reads, x, classes, stem="basis")
+
+    class Scaled(StemNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(2 * x)  # the first convolution sees 2x, not the input itself
+
+    with pytest.raises(ValueError, match="stem: basis"):
+        get_map_method("scorecam")(Scaled(), x, classes, stem="basis")

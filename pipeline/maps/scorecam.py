@@ -25,13 +25,17 @@ the class confidence. Gradient-free: forward passes only.
 Options: ``layer`` (a submodule whose output is [B,K,h,w]; default ``backbone``, the classifier's
 features), ``baseline`` (X_b: a value in normalised input units, or ``mean``, the image's mean colour),
 ``probability`` (``auto`` | ``sigmoid`` | ``softmax`` | ``logit``, the raw class scores), ``chunk`` (masked
-inputs per forward); SS-CAM adds ``variant``, ``n``, ``sigma`` and ``seed``.
+inputs per forward), ``stem`` (``auto`` | ``basis`` | ``conv``: below); SS-CAM adds ``variant``, ``n``,
+``sigma`` and ``seed``.
 
 How it is computed: an image's masked inputs are forwarded once for all of its requested classes (one pass
 gives p for every class; SS-CAM's noise is shared by the classes too), ``chunk`` at a time, built on the fly
 (never K x 3 x H x W at once), through a copy of the model in channels_last memory format with its
-BatchNorms folded into the convolutions (``pipeline.models.fold``: about 1.2x per forward on CPU); the
-baseline's forward is shared by all images when X_b is a constant; images with no requested class are not
+BatchNorms folded into the convolutions (``pipeline.models.fold``: about 1.2x per forward on CPU; made once
+per model and reused while the model is unchanged). Score-CAM computes the model's first convolution of the
+masked inputs from a per-image basis where that is cheaper (``pipeline.maps.stem_basis``: a ResNet's 7 x 7
+stem with a small ``layer``; ``stem: auto``), exactly, since H^k is affine in A^k and the convolution linear;
+the baseline's forward is shared by all images when X_b is a constant; images with no requested class are not
 forwarded. A channel whose activation is constant over the map (e.g. all zero after a ReLU) is skipped with
 a_k^c = 0: its H^k is 0/0, undefined (the authors' code skips it too; taking H^k = 0 would give M^k = X_b,
 the same a_k^c = 0). Channels of an image with the same normalised map s(A^k) (e.g. one active position of
@@ -60,10 +64,12 @@ from torch import nn
 
 from pipeline.maps import chunks, register_map
 from pipeline.maps.cam import upsampled_pairs
+from pipeline.maps.stem_basis import StemBasis
 from pipeline.models.fold import inference_copy
 
 Probability = Literal["auto", "sigmoid", "softmax", "logit"]
 Variant = Literal["activation", "input"]
+Stem = Literal["auto", "basis", "conv"]
 
 PROBABILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
@@ -129,16 +135,21 @@ def channel_masks(acts: torch.Tensor, b: torch.Tensor, k: torch.Tensor, size: to
 def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "backbone",
                            baseline: float | str = 0.0, probability: Probability = "auto", chunk: int = 64,
                            variant: Variant = "activation", n: int = 1, sigma: float = 0.0,
-                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                           seed: int = 0, stem: Stem = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """-> (A [B,K,h,w], a [B,C,K]): a_k^c = (1/n) sum_i p_c(M^k_i) - p_c(X_b) for every class of the images
     with a requested class (the same forwards serve them all), 0 for skipped channels and other images.
 
     ``n`` = 1 and ``sigma`` = 0 is Score-CAM; otherwise SS-CAM's ``variant`` (module docstring). The rows
     (image, channel, sample) of the channels forwarded (``scored_channels``) go ``chunk`` at a time, in that
-    order, each chunk's noise drawn from one generator seeded with ``seed``.
+    order, each chunk's noise drawn from one generator seeded with ``seed``. ``stem``: how Score-CAM's masked
+    forwards start (``pipeline.maps.stem_basis``): ``basis`` (the first convolution from a per-image basis;
+    an error where that does not apply), ``conv`` (as they are), ``auto`` (``basis`` where it applies and is
+    cheaper).
     """
     if variant not in ("activation", "input"):
         raise ValueError(f"variant: expected activation or input, got {variant!r}")
+    if stem not in ("auto", "basis", "conv"):
+        raise ValueError(f"stem: expected auto, basis or conv, got {stem!r}")
     prob = probability_fn(model, probability)
     acts = layer_activations(model, images, layer)
     fast = inference_copy(model, images[:1])  # BatchNorm folded, channels_last
@@ -149,17 +160,27 @@ def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torc
     b, k, shared = scored_channels(acts, classes)
     span = (images.flatten(1).amax(1) - images.flatten(1).amin(1)) * sigma  # noise std of the input variant
     gen = torch.Generator(device=images.device).manual_seed(seed)
-    rows = shared.unique().repeat_interleave(n)  # rows (pair, sample) of the pairs forwarded, in pair order
-    total = p_b.new_zeros((b.numel(), p_b.shape[1]))
-    for sl in chunks(rows.numel(), chunk):
-        rb, rk = b[rows[sl]], k[rows[sl]]
+
+    def masked_inputs(rb: torch.Tensor, rk: torch.Tensor) -> torch.Tensor:
         masks = channel_masks(acts, rb, rk, images.shape[-2:])
         if variant == "activation" and sigma > 0:
             masks = masks + sigma * torch.randn(masks.shape, generator=gen, device=masks.device)
         x = x_b[rb] + masks.to(images.dtype) * (images[rb] - x_b[rb])  # X * H + X_b * (1 - H)
         if variant == "input" and sigma > 0:
             x = x + span[rb, None, None, None] * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        total.index_add_(0, rows[sl], prob(forward(x)))
+        return x
+
+    basis = None
+    if (stem == "basis" or (stem == "auto" and StemBasis.usable(model, acts))) and sigma == 0 and b.numel():
+        basis = StemBasis.build(fast, images, x_b, acts, masked_inputs)
+    if stem == "basis" and b.numel() and basis is None:
+        raise ValueError("stem: basis needs Score-CAM (sigma 0) on a model whose first layer is a convolution "
+                         "of its input")
+    scores = basis or (lambda rb, rk: forward(masked_inputs(rb, rk)))
+    rows = shared.unique().repeat_interleave(n)  # rows (pair, sample) of the pairs forwarded, in pair order
+    total = p_b.new_zeros((b.numel(), p_b.shape[1]))
+    for sl in chunks(rows.numel(), chunk):
+        total.index_add_(0, rows[sl], prob(scores(b[rows[sl]], k[rows[sl]])))
     alpha = p_b.new_zeros((*acts.shape[:2], p_b.shape[1]))
     alpha[b, k] = total[shared] / n - p_b[b]
     return acts, alpha.transpose(1, 2)
@@ -174,17 +195,19 @@ def weighted_maps(acts: torch.Tensor, alpha: torch.Tensor, classes: torch.Tensor
 
 @register_map("scorecam")
 def scorecam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "backbone",
-             baseline: float | str = 0.0, probability: Probability = "auto", chunk: int = 64) -> torch.Tensor:
+             baseline: float | str = 0.0, probability: Probability = "auto", chunk: int = 64,
+             stem: Stem = "auto") -> torch.Tensor:
     """Score-CAM (module docstring): one set of K masked forwards per image, shared by its classes."""
-    acts, alpha = increase_of_confidence(model, images, classes, layer, baseline, probability, chunk)
+    acts, alpha = increase_of_confidence(model, images, classes, layer, baseline, probability, chunk, stem=stem)
     return weighted_maps(acts, alpha, classes, images.shape[-2:])
 
 
 @register_map("sscam")
 def sscam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "backbone",
           baseline: float | str = 0.0, probability: Probability = "auto", chunk: int = 64,
-          variant: Variant = "activation", n: int = 8, sigma: float = 0.2, seed: int = 0) -> torch.Tensor:
+          variant: Variant = "activation", n: int = 8, sigma: float = 0.2, seed: int = 0,
+          stem: Stem = "auto") -> torch.Tensor:
     """SS-CAM (module docstring): Score-CAM with the confidences averaged over ``n`` noisy samples."""
     acts, alpha = increase_of_confidence(model, images, classes, layer, baseline, probability, chunk,
-                                         variant=variant, n=n, sigma=sigma, seed=seed)
+                                         variant=variant, n=n, sigma=sigma, seed=seed, stem=stem)
     return weighted_maps(acts, alpha, classes, images.shape[-2:])

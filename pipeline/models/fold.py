@@ -10,14 +10,21 @@ BatchNorm registered right after it in the same parent, as torchvision's ResNets
 EfficientNets are written), not from a trace: torch.fx cannot trace timm's same-padding convolutions.
 So the copy is checked: it must give the model's scores on a probe input, or the unfolded
 (channels_last) copy is used instead.
+
+A map method calls for the copy once per batch of images; the last one made is kept per model (weakly) and
+handed out again while the model's parameters and buffers are the same tensors at the same versions (an
+in-place update, ``load_state_dict`` included, bumps a version), on the same device and dtypes, in eval mode.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -58,16 +65,33 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _state_key(model: nn.Module, rtol: float) -> tuple:
+    """What the copy depends on: every parameter and buffer (identity, storage, version, device, dtype)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (model.training, rtol, *((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
+
+
 @torch.no_grad()
 def inference_copy(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> nn.Module:
     """A frozen channels_last copy of ``model`` for forward-only use, BatchNorm folded when that gives the
-    model's scores on ``probe`` (a [1,3,H,W] input) within ``rtol`` of their scale. ``model`` is left as is."""
-    probe = probe.float().contiguous(memory_format=torch.channels_last)
-    with torch.autocast(probe.device.type, enabled=False):
-        expected = model(probe).float()
-        if not model.training:
+    model's scores on ``probe`` (a [1,3,H,W] input) within ``rtol`` of their scale. ``model`` is left as is;
+    the copy is shared by the calls made while the model stays the same (module docstring)."""
+    key = _state_key(model, rtol)
+    cached = _COPIES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    made = _make_copy(model, probe, rtol)
+    _COPIES[model] = (key, made)
+    return made
+
+
+def _make_copy(model: nn.Module, probe: torch.Tensor, rtol: float) -> nn.Module:
+    if not model.training:  # (in training mode BatchNorm uses the batch's statistics: nothing to fold)
+        probe = probe.float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast(probe.device.type, enabled=False):
+            expected = model(probe).float()
             folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
             error = (folded(probe).float() - expected).abs().max()
-            if error <= rtol * (1.0 + expected.abs().max()):
-                return folded.requires_grad_(False)
+        if error <= rtol * (1.0 + expected.abs().max()):
+            return folded.requires_grad_(False)
     return copy.deepcopy(model).to(memory_format=torch.channels_last).requires_grad_(False)
