@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.registry import Registry
@@ -41,6 +42,16 @@ def chunks(n: int, size: int) -> Iterator[slice]:
     size = max(1, size)
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
+
+
+def upsampled_channels(acts: torch.Tensor, b: torch.Tensor, k: torch.Tensor,
+                       size: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channels ``acts[b, k]`` bilinearly upsampled to ``size`` -> (U [R,1,H,W], their min lo [R,1,1,1], their
+    range hi - lo [R,1,1,1], at least the smallest float): the min-max normalisation of Score-CAM's masks,
+    s(U(A)) = (U - lo) / range, that its masked inputs (``scorecam``) and the stem basis share."""
+    up = F.interpolate(acts[b, k][:, None], size=size, mode="bilinear", align_corners=False)
+    lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
+    return up, lo, (hi - lo).clamp_min(torch.finfo(up.dtype).tiny)  # a map flattened by U gives H = 0
 
 
 from pipeline.maps import acol as _acol  # noqa: E402,F401

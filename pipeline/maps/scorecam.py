@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import chunks, register_map
+from pipeline.maps import chunks, register_map, upsampled_channels
 from pipeline.maps.cam import upsampled_pairs
 from pipeline.maps.stem_basis import StemBasis
 from pipeline.models.fold import inference_copy
@@ -126,9 +126,8 @@ def scored_channels(acts: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Te
 
 def channel_masks(acts: torch.Tensor, b: torch.Tensor, k: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """H = s(U(A[b, k])): channels upsampled to ``size``, min-max normalised to [0, 1] -> [R,1,H,W]."""
-    up = F.interpolate(acts[b, k][:, None], size=size, mode="bilinear", align_corners=False)
-    lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
-    return (up - lo) / (hi - lo).clamp_min(torch.finfo(up.dtype).tiny)  # a map flattened by U gives H = 0
+    up, lo, span = upsampled_channels(acts, b, k, size)
+    return (up - lo) / span
 
 
 @torch.no_grad()
@@ -171,8 +170,8 @@ def increase_of_confidence(model: nn.Module, images: torch.Tensor, classes: torc
         return x
 
     basis = None
-    if (stem == "basis" or (stem == "auto" and StemBasis.usable(model, acts))) and sigma == 0 and b.numel():
-        basis = StemBasis.build(fast, images, x_b, acts, masked_inputs)
+    if stem != "conv" and sigma == 0 and b.numel():
+        basis = StemBasis.build(fast, images, x_b, acts, masked_inputs, only_if_cheaper=stem == "auto")
     if stem == "basis" and b.numel() and basis is None:
         raise ValueError("stem: basis needs Score-CAM (sigma 0) on a model whose first layer is a convolution "
                          "of its input")

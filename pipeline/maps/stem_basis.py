@@ -13,7 +13,7 @@ so h*w + 1 convolutions per image (the basis; ``conv(X_b)`` makes h*w + 2 maps) 
 row of a matrix product with h*w + 2 terms replace a convolution of C_in * kh * kw multiply-adds per output
 value; the rest of the model runs as usual from there. That pays when the grid is small against the stem's
 kernel: a ResNet's 7 x 7 x 3 stem (147) with its 3 x 3 or 7 x 7 ``layer4`` (11 or 51 basis maps) does, an
-EfficientNet's 3 x 3 x 3 stem (27) with its 8 x 8 features (66) does not (``usable``: at most half as many
+EfficientNet's 3 x 3 x 3 stem (27) with its 8 x 8 features (66) does not (``cheaper``: at most half as many
 terms as the kernel). It holds for Score-CAM only: SS-CAM's noise is not in the span of the basis.
 
 The rest of the model is the model with that convolution replaced by the identity, fed the convolution's
@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.maps import upsampled_channels
 
 log = logging.getLogger(__name__)
 RTOL = 1e-4
@@ -83,25 +85,29 @@ class StemBasis:
         self.out_shape = out_shape  # the stem's output [C_out, h', w']
 
     @staticmethod
-    def usable(model: nn.Module, acts: torch.Tensor) -> bool:
-        """Whether the basis is cheaper than the stem: at most half as many terms as the kernel has weights."""
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is None:
-            return False
+    def cheaper(conv: nn.Conv2d, acts: torch.Tensor) -> bool:
+        """Whether the basis is cheaper than ``conv``: at most half as many terms as the kernel has weights."""
         terms = acts.shape[-2] * acts.shape[-1] + 2
         return 2 * terms <= conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
 
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, images: torch.Tensor, x_b: torch.Tensor, acts: torch.Tensor,
-              masked: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> StemBasis | None:
+              masked: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              only_if_cheaper: bool = True) -> StemBasis | None:
         """For ``model`` (an inference copy, left as it is), or None when its first layer is not a convolution
-        of the input or the scores through the basis differ from the model's. ``x_b``: the baseline
-        [B,3,H,W]; ``acts``: A [B,K,h,w]; ``masked``: (b, k) -> the masked inputs of those rows (the check)."""
+        of the input, the basis is not ``cheaper`` than it (with ``only_if_cheaper``) or the scores through the
+        basis differ from the model's. ``x_b``: the baseline [B,3,H,W]; ``acts``: A [B,K,h,w]; ``masked``:
+        (b, k) -> the masked inputs of those rows (the check)."""
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if only_if_cheaper and not any(cls.cheaper(m, acts) for m in convs):
+            return None  # whichever convolution comes first: no probe forward needed to know
         name = first_convolution(model, images[:1].contiguous(memory_format=torch.channels_last))
         if name is None:
             return None
         conv = model.get_submodule(name)
+        if only_if_cheaper and not cls.cheaper(conv, acts):
+            return None
         size = images.shape[-2:]
         with torch.autocast(images.device.type, enabled=False):
             units = grid_basis(acts.shape[-2:], size, images.device)  # [h*w, 1, H, W]
@@ -123,12 +129,10 @@ class StemBasis:
         return found
 
     def coefficients(self, b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """[R, h*w + 2]: (c_kp over p, -d_k, 1) of every row, normalised as ``channel_masks`` does."""
-        a = self.acts[b, k]
-        up = F.interpolate(a[:, None], size=self.size, mode="bilinear", align_corners=False).flatten(1)
-        lo, hi = up.amin(1, keepdim=True), up.amax(1, keepdim=True)
-        span = (hi - lo).clamp_min(torch.finfo(up.dtype).tiny)
-        return torch.cat([a.flatten(1) / span, -lo / span, torch.ones_like(lo)], 1)
+        """[R, h*w + 2]: (c_kp over p, -d_k, 1) of every row, with the masks' normalisation."""
+        _, lo, span = upsampled_channels(self.acts, b, k, self.size)
+        lo, span = lo.flatten(1), span.flatten(1)
+        return torch.cat([self.acts[b, k].flatten(1) / span, -lo / span, torch.ones_like(lo)], 1)
 
     def __call__(self, b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The model's scores [R, C] of the masked inputs of rows (b, k); rows of one image are contiguous."""
