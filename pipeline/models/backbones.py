@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.models.convs import exact_faster
 from pipeline.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,13 @@ OUTPUT_STRIDES = (8, 16)
 
 
 def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    """The backbone ``name``, its dilated convolutions swapped for exact faster ones (``pipeline.models.convs``:
+    the dilated depthwise ones of an EfficientNet at stride 16 train several times faster on CPU)."""
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ConfigError(f"output_stride {output_stride}: expected one of {OUTPUT_STRIDES}")
-    return BACKBONES.get(name)(pretrained, output_stride=output_stride)
+    backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
+    exact_faster(backbone.body)
+    return backbone
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

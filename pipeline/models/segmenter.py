@@ -5,7 +5,9 @@ The head is torchvision's: ASPP (a 1x1 branch, three 3x3 atrous branches at ``at
 pooling), a 3x3 conv + BN + ReLU, and a 1x1 classifier; only its width is configurable (``channels``;
 torchvision fixes 256), because the 3x3 ASPP branches on the backbone's 1280 EfficientNet-Lite0 channels
 would otherwise cost several times the backbone on a CPU. Rates 6/12/18 are the paper's for output stride
-16. The logits are upsampled bilinearly to the input size.
+16. The logits are upsampled bilinearly to the input size. The atrous branches leave out their taps that read
+only padding (``pipeline.models.convs.AtrousConv2d``: rates 12 and 18 on the 8 x 8 map of a 128-pixel input
+are 1 x 1 convolutions), exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from pipeline.errors import UserError, first_line
 from pipeline.models.backbones import Backbone, create_backbone
+from pipeline.models.convs import exact_faster
 
 
 class DeepLabV3(nn.Module):
@@ -36,6 +39,7 @@ class DeepLabV3(nn.Module):
             nn.ReLU(),
             nn.Conv2d(channels, num_labels, 1),
         )
+        exact_faster(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images [B,3,H,W] -> label logits [B,L,H,W]"""

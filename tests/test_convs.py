@@ -1,0 +1,112 @@
+"""The exact faster convolutions (pipeline.models.convs) against nn.Conv2d: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models import convs
+from pipeline.models.backbones import create_backbone
+from pipeline.models.convs import AtrousConv2d, DilatedDepthwiseConv2d, exact_faster, reading_taps
+from pipeline.models.segmenter import build_segmenter
+
+
+def outputs_and_grads(conv: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    conv.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout in every call
+    y = conv(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()  # a gradient that differs per position
+    return [y.detach(), x.grad, *(p.grad for p in conv.parameters())]
+
+
+def assert_same_as_conv2d(conv: nn.Conv2d, x: torch.Tensor, rtol: float = 1e-5) -> None:
+    reference = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, conv.bias is not None)
+    reference.load_state_dict(conv.state_dict())
+    for got, want in zip(outputs_and_grads(conv, x), outputs_and_grads(reference, x), strict=True):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= rtol * want.abs().max()
+
+
+def test_reading_taps():
+    assert reading_taps(8, 3, 12, 12) == (1, 2)  # rate 12 on an 8-wide map: only the centre reads it
+    assert reading_taps(8, 3, 6, 6) == (0, 3)
+    assert reading_taps(16, 3, 18, 18) == (1, 2)
+    assert reading_taps(16, 3, 12, 12) == (0, 3)
+    assert reading_taps(5, 3, 1, 0) == (0, 3)
+
+
+@pytest.mark.parametrize("size, rate", [((8, 8), 12), ((8, 8), 6), ((8, 19), 18), ((5, 5), 4), ((3, 7), 3)])
+def test_atrous_conv_equals_conv2d(size, rate):
+    torch.manual_seed(0)
+    conv = AtrousConv2d(6, 4, 3, padding=rate, dilation=rate, bias=True)
+    assert_same_as_conv2d(conv, torch.randn(2, 6, *size))
+
+
+def test_atrous_conv_leaves_out_the_taps_that_read_padding():
+    conv = AtrousConv2d(3, 2, 3, padding=12, dilation=12, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(float("nan"))
+        conv.weight[:, :, 1, 1] = 1.0
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.isfinite(conv(x)).all()  # the full convolution would multiply the NaNs by the padding
+    assert torch.allclose(conv(x), x.sum(1, keepdim=True).expand(1, 2, 8, 8), atol=1e-5)
+    assert torch.isnan(F.conv2d(x, conv.weight, None, 1, 12, 12)).any()
+    assert not torch.isfinite(conv(torch.randn(1, 3, 13, 13))).all()  # 13 > 12: the off-centre taps read it
+
+
+@pytest.mark.parametrize("kernel, dilation, size", [(5, 2, (8, 8)), (3, 2, (9, 6)), (5, 3, (7, 11)), (3, 1, (6, 6))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_backward_equals_conv2d(kernel, dilation, size, channels_last, monkeypatch):
+    monkeypatch.setattr(convs, "CACHE_FLOATS", 100)  # several batch groups in the weight gradient
+    torch.manual_seed(0)
+    conv = DilatedDepthwiseConv2d(8, 8, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=8,
+                                  bias=True)
+    x = torch.randn(3, 8, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same_as_conv2d(conv, x)
+
+
+def test_depthwise_backward_is_written_out_only_where_it_is_needed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(convs._DepthwiseConv, "apply", lambda *a: calls.append(a) or F.conv2d(*a[:3], 1, *a[3:5], 4))
+    conv = DilatedDepthwiseConv2d(4, 4, 3, padding=2, dilation=2, groups=4)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        conv(x)
+    assert not calls
+    conv(x)
+    assert len(calls) == 1
+
+
+def test_exact_faster_swaps_only_what_it_computes_the_same():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4),  # dilated depthwise
+                        nn.Conv2d(4, 4, 3, padding=2, dilation=2),  # dilated dense
+                        nn.Conv2d(4, 4, 3, padding=1),  # plain
+                        nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=4))  # strided
+    keys = net.state_dict().keys()
+    weights = [m.weight for m in net]
+    exact_faster(net)
+    assert [type(m) for m in net] == [DilatedDepthwiseConv2d, AtrousConv2d, nn.Conv2d, nn.Conv2d]
+    assert net.state_dict().keys() == keys and all(m.weight is w for m, w in zip(net, weights, strict=True))
+
+
+def test_backbone_and_segmenter_use_them():
+    backbone = create_backbone("tf_efficientnet_lite0", "none", output_stride=16)
+    assert any(isinstance(m, DilatedDepthwiseConv2d) for m in backbone.body.modules())
+    net, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 16, [6, 12, 18])
+    assert sum(isinstance(m, AtrousConv2d) for m in net.head.modules()) == 3
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    net.train()
+    got = outputs_and_grads(net, x)
+    for m in net.modules():  # the same network with plain convolutions
+        if isinstance(m, (AtrousConv2d, DilatedDepthwiseConv2d)):
+            m.forward = nn.Conv2d.forward.__get__(m)
+    want = outputs_and_grads(net, x)
+    assert (got[0] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+    # all gradients on one scale: some (a BatchNorm bias before another BatchNorm) are 0 up to rounding
+    got, want = (torch.cat([g.flatten() for g in grads[1:] if g is not None]) for grads in (got, want))
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
