@@ -10,9 +10,8 @@ and the same options (noise samples and sigma, IG steps with Gauss-Legendre node
 forward). Ours run as the pipeline runs them: under ``pipeline.device.autocast`` (bf16 on CUDA, fp32 on CPU).
 
 Workloads (``WORKLOADS``): on CUDA, ResNet-50 at 224 x 224, 16 images per call (2 for Score-CAM and SS-CAM,
-which forward K = 2048 masked inputs per image); on CPU, ResNet-18 at 128 x 128 (the default run's input
-size; ``layer4`` is 4 x 4), 2 images per call (1 for Score-CAM and SS-CAM, K = 512), about RUNTIME minutes on
-2 cores; ``--quick``: a smoke run.
+which forward K = 2048 masked inputs per image); on CPU, ResNet-18 at 96 x 96 (``layer4`` is 3 x 3), 2 images
+per call (1 for Score-CAM and SS-CAM, K = 512), about 3-4 minutes on 2 cores; ``--quick``: a smoke run.
 On a CPU that other jobs share, pass ``--threads 1``: with more threads than free cores every parallel op
 waits for the scheduler and the run takes several times longer (the ratios stay fair either way).
 
@@ -90,7 +89,7 @@ class Workload:
 MAX_ROUNDS = 25
 WORKLOADS = {
     "cuda": Workload("resnet50", 224, batch=16, score_batch=2, rounds=3, seconds=20, sscam_n=4, chunk=64),
-    "cpu": Workload("resnet18", 128, batch=2, score_batch=1, rounds=3, seconds=15),
+    "cpu": Workload("resnet18", 96, batch=2, score_batch=1, rounds=3, seconds=15),
     "quick": Workload("resnet18", 64, batch=1, score_batch=1, rounds=1, seconds=0, n=4, steps=4, sscam_n=1),
 }
 
