@@ -38,10 +38,29 @@ def test_reading_taps():
 
 
 @pytest.mark.parametrize("size, rate", [((8, 8), 12), ((8, 8), 6), ((8, 19), 18), ((5, 5), 4), ((3, 7), 3)])
-def test_atrous_conv_equals_conv2d(size, rate):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_atrous_conv_equals_conv2d(size, rate, channels_last):
+    """Outputs and gradients, with the taps left out and, where a dilated kernel remains, the written-out
+    backward (rate 6 on 8 x 8, 18 on the 19 columns, 4 on 5 x 5, 3 on 3 x 7)."""
     torch.manual_seed(0)
     conv = AtrousConv2d(6, 4, 3, padding=rate, dilation=rate, bias=True)
-    assert_same_as_conv2d(conv, torch.randn(2, 6, *size))
+    x = torch.randn(2, 6, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same_as_conv2d(conv, x)
+
+
+@pytest.mark.parametrize("kernel, padding, dilation", [((3, 5), (2, 4), (2, 2)), ((3, 3), (1, 3), (1, 3)),
+                                                        ((3, 3), (0, 0), (2, 2))])
+def test_dense_weight_grad_equals_conv2d(kernel, padding, dilation):
+    """The per-tap weight gradient for kernels, paddings and dilations that differ per dimension."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 9, 11), torch.randn(4, 5, *kernel)
+    grad = torch.randn_like(F.conv2d(x, w, None, 1, padding, dilation))
+    want = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], list(padding), list(dilation), False,
+                                               [0, 0], 1, [False, True, False])[1]
+    got = convs._dense_weight_grad(x, grad, w.shape, padding, dilation)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_atrous_conv_leaves_out_the_taps_that_read_padding():
@@ -69,16 +88,20 @@ def test_depthwise_backward_equals_conv2d(kernel, dilation, size, channels_last,
     assert_same_as_conv2d(conv, x)
 
 
-def test_depthwise_backward_is_written_out_only_where_it_is_needed(monkeypatch):
+@pytest.mark.parametrize("conv", [DilatedDepthwiseConv2d(4, 4, 3, padding=2, dilation=2, groups=4),
+                                  AtrousConv2d(4, 4, 3, padding=2, dilation=2)])
+def test_backward_is_written_out_only_where_it_is_needed(conv, monkeypatch):
     calls = []
-    monkeypatch.setattr(convs._DepthwiseConv, "apply", lambda *a: calls.append(a) or F.conv2d(*a[:3], 1, *a[3:5], 4))
-    conv = DilatedDepthwiseConv2d(4, 4, 3, padding=2, dilation=2, groups=4)
+    monkeypatch.setattr(convs._StrideOneConv, "apply", lambda *a: calls.append(a) or F.conv2d(a[0], a[1], a[2], 1,
+                                                                                               *a[3:]))
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         conv(x)
     assert not calls
     conv(x)
     assert len(calls) == 1
+    conv(torch.randn(1, 4, 2, 2))  # rate 2 on 2 x 2: only the centre tap reads it, a 1 x 1 convolution
+    assert len(calls) == 1 + isinstance(conv, DilatedDepthwiseConv2d)
 
 
 def test_exact_faster_swaps_only_what_it_computes_the_same():

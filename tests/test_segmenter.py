@@ -96,6 +96,23 @@ def test_multi_scale_testing_averages_the_scales(checkpoint):
             checked_scales(bad)
 
 
+def test_a_batch_of_images_gives_each_its_own_probabilities(checkpoint):
+    """Images of two sizes in one ``probs_batch``: each as ``probs`` gives it alone (same-size ones share a
+    forward), with several scales and the mirror image."""
+    net, ckpt = load_segmenter(checkpoint)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(30, 41, 3), (20, 48, 3), (30, 41, 3)]]
+    predictor = Predictor(net, ckpt, torch.device("cpu"), scales=(0.5, 1.0))
+    seen = []
+    handle = net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    batch = predictor.probs_batch(images)
+    handle.remove()
+    assert seen == [(4, 3, 18, 24), (4, 3, 35, 48), (2, 3, 10, 24), (2, 3, 20, 48)]  # by size, + mirrors
+    for image, probs in zip(images, batch, strict=True):
+        assert probs.shape == (4, *image.shape[:2])
+        assert np.abs(probs - predictor.probs(image)).max() < 1e-5
+
+
 def test_crf_post_processing_smooths_a_noisy_prediction(checkpoint):
     net, ckpt = load_segmenter(checkpoint)
     image = np.zeros((40, 40, 3), np.uint8)
