@@ -147,10 +147,9 @@ def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter]
     ``weight_decay``, ``workers``): AdamW with the backbone at ``lr * backbone_lr_mult``, a linear warm-up
     over the first epoch (at most a tenth of the steps) then cosine decay. The AdamW is fused on CPU and CUDA
     (one kernel for all parameters: 12.6 against 42 ms a step for the segmenter's 9.6M parameters on a 2-core
-    CPU, the same updates within 1e-6). ``net`` and the image batches are
-    in channels_last memory format (a segmenter or classifier step on EfficientNet-Lite0 took 1.14x / 1.18x
-    less time on a 2-core CPU). After every epoch rank 0 saves the resume state; a rerun with the same
-    ``fingerprint`` continues from there."""
+    CPU, the same updates within 1e-6). ``net`` and the image batches are in channels_last memory format (a
+    segmenter or classifier step on EfficientNet-Lite0 took 1.14x / 1.18x less time on a 2-core CPU). After
+    every epoch rank 0 saves the resume state; a rerun with the same ``fingerprint`` continues from there."""
     name = name or section
     device = ctx.device
     net.to(device, memory_format=torch.channels_last)

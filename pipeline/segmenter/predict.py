@@ -27,6 +27,7 @@ from pipeline.data.dataset import IMAGE_EXTENSIONS
 from pipeline.data.transforms import segmenter_eval_transform, to_chw
 from pipeline.device import autocast
 from pipeline.errors import ConfigError, UserError
+from pipeline.maps import chunks
 from pipeline.metrics import ConfusionMatrix
 from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
 
@@ -97,10 +98,9 @@ def score_segmenter(predictor: Predictor, ds: SegDataset, desc: str = "val",
         confs["crf"] = ConfusionMatrix(predictor.num_labels)
     samples = [s for s in ds.samples if s.mask_path]
     with tqdm(total=len(samples), desc=desc, leave=False) as bar:
-        for start in range(0, len(samples), batch):
-            images = [read_image(s.image_path) for s in samples[start:start + batch]]
-            for s, image, probs in zip(samples[start:start + batch], images, predictor.probs_batch(images),
-                                       strict=True):
+        for part in chunks(len(samples), batch):
+            images = [read_image(s.image_path) for s in samples[part]]
+            for s, image, probs in zip(samples[part], images, predictor.probs_batch(images), strict=True):
                 gt = read_mask(s.mask_path, image.shape[:2])
                 confs["raw"].update(gt, predictor.labels(image, probs, crf=False))
                 if "crf" in confs:
