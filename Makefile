@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WSSS := $(PY) -m pipeline.cli
-STAGE_NAMES := train_classifier make_maps refine export train_segmenter evaluate report
+STAGE_NAMES := train_classifier make_maps refine affinity export train_segmenter evaluate report
 
 .PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
 

@@ -184,6 +184,25 @@ class RefineConfig:
 
 
 @dataclass
+class AffinityConfig:
+    """AffinityNet (Ahn & Kwak 2018): pair affinities learnt from the refined labels, then a random walk of the
+    maps; see pipeline/refine/affinity.py. Runs between refine and export (stage ``affinity``)."""
+
+    enabled: bool = False
+    labels_from: list[str] = field(default_factory=lambda: ["crf", "graphcut"])  # pixels where these agree
+    cell_agreement: float = 0.9  # a stride-8 cell is labelled where this share of its pixels has one label
+    radius: int = 5  # pairs (and walk steps) within this many cells
+    dim: int = 256  # embedding channels
+    epochs: int = 3
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 1e-4
+    accumulate: int = 8  # images per optimiser step
+    beta: float = 16.0  # transition weights a^beta: sharper edges
+    steps: int = 16  # random-walk steps
+    refiners: list[str] = field(default_factory=lambda: ["graphcut"])  # refine the walked maps -> refined/<r>_rw
+
+
+@dataclass
 class RayConfig:
     """Where `maps.executor: ray` and `refine.executor: ray` run; see pipeline/executors.py."""
 
@@ -278,6 +297,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     ray: RayConfig = field(default_factory=RayConfig)  # where executor: ray runs (not part of any fingerprint)
     export: ExportConfig = field(default_factory=ExportConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)

@@ -1,11 +1,12 @@
 """One thin entry point per stage: parse config, call the library, write outputs. In run order."""
 
-from stages import evaluate, export, make_maps, refine, report, train_classifier, train_segmenter
+from stages import affinity, evaluate, export, make_maps, refine, report, train_classifier, train_segmenter
 
 STAGES = {
     "train_classifier": train_classifier.run,
     "make_maps": make_maps.run,
     "refine": refine.run,
+    "affinity": affinity.run,
     "export": export.run,
     "train_segmenter": train_segmenter.run,
     "evaluate": evaluate.run,

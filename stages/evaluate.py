@@ -19,6 +19,7 @@ from pipeline.evaluation import (
 )
 from pipeline.maps.generate import is_per_image
 from pipeline.metrics.faithfulness import faithfulness_of_run
+from pipeline.refine import SUFFIX, walked_refiners
 from pipeline.runfolder import (
     Stage,
     fingerprint,
@@ -31,7 +32,7 @@ from pipeline.runfolder import (
 from pipeline.segmenter.predict import checked_scales
 from stages.common import log, maps_dataset, masks_fingerprint
 
-UPSTREAM = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt")
+UPSTREAM = ("train_classifier", "make_maps", "refine", "affinity", "export", "train_segmenter", "train_segmenter_gt")
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -55,13 +56,16 @@ def run(cfg: Config, force: bool = False) -> None:
         log.warning("evaluate: %s has no ground-truth masks for split %r; only the classifier is scored",
                     cfg.data.root, cfg.maps.split)
     else:
-        metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep)
-                           for m in cfg.maps.methods if is_per_image(m)}
+        walked = walked_refiners(cfg)
+        methods = [m for m in cfg.maps.methods if is_per_image(m)] + ([cfg.refine.method + SUFFIX] if walked else [])
+        metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep) for m in methods}
         for m, result in metrics["maps"].items():
             if "sweep" in result:
                 plot_sweep(result, m, run_dir / "plots" / f"sweep_{m}.png")
         metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": cfg.refine.method}
                                    for r in cfg.refine.refiners}
+        metrics["pseudo_masks"].update({r: {**evaluate_labels(ds, gts, run_dir / "refined" / r),
+                                            "maps": cfg.refine.method + SUFFIX} for r in walked})
         metrics["baselines"] = evaluate_baselines(ds, gts)
     faithfulness_s = None
     if cfg.evaluate.faithfulness.enabled:  # cached in faithfulness.json: only what changed is recomputed

@@ -46,4 +46,4 @@ def test_export_agree_with(tiny_voc, tmp_path, capsys):
     assert sum(dropped) > 0  # the case is not vacuous: some pixels were labelled by threshold and dropped
 
     line = error_line(capsys, "export", "--config", str(cfg), "--set", "export.agree_with=[crf]")
-    assert "config key 'export.agree_with': 'crf' is not among refine.refiners ['threshold', 'graphcut']" in line
+    assert "config key 'export.agree_with': 'crf' is not among the refined label sets ['threshold', 'graphcut']" in line

@@ -414,11 +414,21 @@ def test_error_export_inputs(voc, capsys):
     write_maps(run, 0.5)
     assert main(["refine", "--config", str(cfg)]) == 0
     line = error_line(capsys, "export", "--config", str(cfg), "--set", "export.refiner=crf")
-    assert "config key 'export.refiner': 'crf' is not among refine.refiners ['threshold']" in line
+    assert "config key 'export.refiner': 'crf' is not among the refined label sets ['threshold']" in line
     missing = run / "refined" / "threshold" / "a.png"
     missing.unlink()
     assert f"{missing}: refined label map not found (run the refine stage)" in error_line(
         capsys, "export", "--config", str(cfg))
+
+
+def test_error_affinity_labels_from_a_refiner_that_did_not_run(voc, capsys):
+    _, cfg, run = voc
+    line = error_line(capsys, "affinity", "--config", str(cfg), "--set", "affinity.enabled=true")
+    assert "config key 'affinity.labels_from': 'crf' is not among refine.refiners ['threshold']" in line
+    assert not (run / "affinity.partial.json").exists()  # checked before anything is written
+    line = error_line(capsys, "affinity", "--config", str(cfg), "--set", "affinity.enabled=true",
+                      "affinity.labels_from=[threshold]", "affinity.refiners=[grabcut]")
+    assert "config key 'affinity.refiners': unknown refiner 'grabcut'; expected one of" in line
 
 
 @pytest.mark.parametrize("damage", ["image", "mask"])

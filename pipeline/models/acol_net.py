@@ -50,6 +50,7 @@ class ACoLNet(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, delta: float = 0.6):
         super().__init__()
         self.backbone = backbone.body
+        self.taps = tuple(f"backbone.{name}" for name in backbone.taps)  # stage features (Backbone.taps)
         self.channels = backbone.channels
         self.classifier = nn.Conv2d(backbone.channels, num_classes, 1, bias=False)  # A
         self.classifier_b = nn.Conv2d(backbone.channels, num_classes, 1, bias=False)  # B

@@ -35,6 +35,9 @@ class Backbone:
     stride: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # submodules of body whose outputs are its stage features, finest first (as timm's feature_info): with the
+    # body's own output, the multi-level features of AffinityNet (pipeline/refine/affinity.py)
+    taps: tuple[str, ...] = ()
 
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "classifier.backbone")
@@ -102,7 +105,7 @@ def smallcnn(pretrained: str = "none", output_stride: int | None = None) -> Back
         load_weights(body, load_state_dict_file(pretrained), pretrained)
     elif pretrained != "none":
         raise ConfigError(f"config key 'classifier.pretrained': smallcnn has no {pretrained} weights")
-    return Backbone(body, 256, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return Backbone(body, 256, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), taps=("3", "5"))
 
 
 def _dilate_stage(layer: nn.Sequential, rate: int = 2, first_rate: int = 1) -> None:
@@ -142,7 +145,8 @@ def _resnet(name: str, pretrained: str, output_stride: int | None) -> Backbone:
     if stride == 8:
         _dilate_stage(net.layer3, rate=2)
     _dilate_stage(net.layer4, rate=4, first_rate=2) if stride == 8 else _dilate_stage(net.layer4, rate=2)
-    return Backbone(_ResNetBody(net), net.fc.in_features, stride, IMAGENET_MEAN, IMAGENET_STD)
+    return Backbone(_ResNetBody(net), net.fc.in_features, stride, IMAGENET_MEAN, IMAGENET_STD,
+                    taps=("net.layer1", "net.layer2", "net.layer3"))
 
 
 @register_backbone("resnet18")
@@ -179,4 +183,5 @@ def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = 
         load_weights(net, load_state_dict_file(pretrained), pretrained)
     mean = tuple(net.pretrained_cfg["mean"])
     std = tuple(net.pretrained_cfg["std"])
-    return Backbone(_TimmBody(net), net.num_features, stride, mean, std)
+    return Backbone(_TimmBody(net), net.num_features, stride, mean, std,
+                    taps=tuple(f"net.blocks.{i}" for i in (1, 2, 4, 6)))

@@ -18,6 +18,7 @@ class CAMNet(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
         self.backbone = backbone.body
+        self.taps = tuple(f"backbone.{name}" for name in backbone.taps)  # stage features (Backbone.taps)
         self.channels = backbone.channels
         self.classifier = nn.Linear(backbone.channels, num_classes, bias=False)
 

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import Config
 from pipeline.registry import Registry
+
+SUFFIX = "_rw"  # maps/<method>_rw/ and refined/<refiner>_rw/: after the affinity random walk (refine/affinity.py)
+
+
+def walked_refiners(cfg: Config) -> list[str]:
+    """The label sets of the affinity stage (refined/<refiner>_rw/): none when it is off."""
+    return [r + SUFFIX for r in cfg.affinity.refiners] if cfg.affinity.enabled else []
 
 
 @dataclass(frozen=True)

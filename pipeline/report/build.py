@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.refine import walked_refiners
 from pipeline.report import figures as fg
 from pipeline.report.html import (
     cards,
@@ -29,7 +30,7 @@ from pipeline.report.html import (
 from pipeline.runfolder import read_json, stage_seconds
 
 # In pipeline order; other stages (added later) follow in the order of their done markers.
-STAGE_ORDER = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt",
+STAGE_ORDER = ("train_classifier", "make_maps", "refine", "affinity", "export", "train_segmenter", "train_segmenter_gt",
                "evaluate", "report")
 # metrics.json faithfulness keys: (column, better = higher?, in %?)
 FAITHFULNESS = {"average_drop": ("Avg Drop ↓", False, True), "increase_in_confidence": ("Incr. Conf. ↑", True, True),
@@ -67,7 +68,7 @@ class ReportBuilder:
         from pipeline.maps.generate import is_per_image
 
         self.methods = [m for m in cfg.maps.methods if is_per_image(m)]
-        self.refiners = list(cfg.refine.refiners)
+        self.refiners = [*cfg.refine.refiners, *walked_refiners(cfg)]
         self.colours = fg.label_colours(ds.background)
 
     # ------------------------------------------------------------------------------------------ page

@@ -1,0 +1,46 @@
+"""Stage 3b (``affinity.enabled``): AffinityNet on the refined labels, then a random walk of ``refine.method``'s
+maps -> maps/<method>_rw/, refined again by ``affinity.refiners`` -> refined/<refiner>_rw/, affinity.pt."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.device import resolve_device
+from pipeline.distributed import torchrun_rank
+from pipeline.errors import ConfigError
+from pipeline.models import load_classifier
+from pipeline.refine import REFINERS, SUFFIX, walked_refiners
+from pipeline.refine.affinity import collect, train_head, walk_maps
+from pipeline.refine.runner import refine_split
+from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint
+from stages.common import log, maps_dataset
+
+
+def run(cfg: Config, force: bool = False) -> None:
+    run_dir, a = cfg.run_path, cfg.affinity
+    if not a.enabled or torchrun_rank() > 0:
+        return
+    for name in a.labels_from:
+        if name not in cfg.refine.refiners:
+            raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
+                              f"{cfg.refine.refiners}")
+    for name in a.refiners:
+        if name not in REFINERS:
+            raise ConfigError(f"config key 'affinity.refiners': unknown refiner {name!r}; expected one of "
+                              f"{', '.join(REFINERS)}")
+    fp = fingerprint(cfg.section_hash("affinity"), stage_fingerprint(run_dir, "refine"))
+    stage = Stage(run_dir, "affinity", fp)
+    if stage.is_done() and not force:
+        log.info("affinity: up to date, skipped")
+        return
+    walked = run_dir / "maps" / (cfg.refine.method + SUFFIX)
+    stage.begin(outputs=[walked, *(run_dir / "refined" / r for r in walked_refiners(cfg))], fresh=True)
+    ds, device = maps_dataset(cfg), resolve_device(cfg.device)
+    net, ckpt = load_classifier(run_dir / "classifier.pt", device)
+    log.info("affinity: labels where %s agree, %d images", " and ".join(a.labels_from), len(ds))
+    items = collect(net, ckpt, ds, [run_dir / "refined" / r for r in a.labels_from], a, device)
+    head, losses = train_head(items, a, device, cfg.seed)
+    save_torch(run_dir / "affinity.pt", {"state_dict": head.state_dict(), "losses": losses})
+    walk_maps(head, items, ds, run_dir / "maps" / cfg.refine.method, walked, a, device)
+    for name in a.refiners:
+        refine_split(name, ds, walked, run_dir / "refined" / (name + SUFFIX), cfg.refine, ray=cfg.ray)
+    stage.finish(images=len(ds), losses=[round(x, 4) for x in losses])
