@@ -1,5 +1,6 @@
 """Stage 3b (``affinity.enabled``): AffinityNet on the refined labels, then a random walk of ``refine.method``'s
-maps -> maps/<method>_rw/, refined again by ``affinity.refiners`` -> refined/<refiner>_rw/, affinity.pt."""
+maps -> maps/<method>_rw/, refined again by ``affinity.refiners`` -> refined/<refiner>_rw/, affinity.pt.
+It takes minutes, so an interrupted run starts over rather than resuming."""
 
 from __future__ import annotations
 

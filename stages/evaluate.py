@@ -57,7 +57,8 @@ def run(cfg: Config, force: bool = False) -> None:
                     cfg.data.root, cfg.maps.split)
     else:
         walked = walked_refiners(cfg)
-        methods = [m for m in cfg.maps.methods if is_per_image(m)] + ([cfg.refine.method + SUFFIX] if walked else [])
+        methods = [m for m in cfg.maps.methods if is_per_image(m)]
+        methods += [cfg.refine.method + SUFFIX] if cfg.affinity.enabled else []  # the affinity stage's walked maps
         metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep) for m in methods}
         for m, result in metrics["maps"].items():
             if "sweep" in result:
