@@ -25,9 +25,10 @@ class Registry(Generic[T]):
         """Decorator: ``@REGISTRY.register("name")``."""
         return lambda item: self.add(name, item)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, config_key: str | None = None) -> T:
+        """The item ``name``; an unknown name is a ``ConfigError`` naming ``config_key`` (default: the registry's)."""
         if name not in self._items:
-            raise ConfigError(f"config key '{self.config_key}': unknown {self.what} {name!r}; "
+            raise ConfigError(f"config key '{config_key or self.config_key}': unknown {self.what} {name!r}; "
                               f"expected one of {', '.join(sorted(self._items))}")
         return self._items[name]
 

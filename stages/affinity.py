@@ -9,7 +9,7 @@ from pipeline.device import resolve_device
 from pipeline.distributed import torchrun_rank
 from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
-from pipeline.refine import REFINERS, SUFFIX, walked_refiners
+from pipeline.refine import SUFFIX, get_refiner, walked_maps
 from pipeline.refine.affinity import collect, train_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint
@@ -25,16 +25,14 @@ def run(cfg: Config, force: bool = False) -> None:
             raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
                               f"{cfg.refine.refiners}")
     for name in a.refiners:
-        if name not in REFINERS:
-            raise ConfigError(f"config key 'affinity.refiners': unknown refiner {name!r}; expected one of "
-                              f"{', '.join(REFINERS)}")
+        get_refiner(name, "affinity.refiners")
     fp = fingerprint(cfg.section_hash("affinity"), stage_fingerprint(run_dir, "refine"))
     stage = Stage(run_dir, "affinity", fp)
     if stage.is_done() and not force:
         log.info("affinity: up to date, skipped")
         return
-    walked = run_dir / "maps" / (cfg.refine.method + SUFFIX)
-    stage.begin(outputs=[walked, *(run_dir / "refined" / r for r in walked_refiners(cfg))], fresh=True)
+    walked = run_dir / "maps" / walked_maps(cfg)
+    stage.begin(outputs=[walked, *(run_dir / "refined" / (r + SUFFIX) for r in a.refiners)], fresh=True)
     ds, device = maps_dataset(cfg), resolve_device(cfg.device)
     net, ckpt = load_classifier(run_dir / "classifier.pt", device)
     log.info("affinity: labels where %s agree, %d images", " and ".join(a.labels_from), len(ds))

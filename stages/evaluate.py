@@ -19,7 +19,7 @@ from pipeline.evaluation import (
 )
 from pipeline.maps.generate import is_per_image
 from pipeline.metrics.faithfulness import faithfulness_of_run
-from pipeline.refine import SUFFIX, walked_refiners
+from pipeline.refine import label_sets, walked_maps
 from pipeline.runfolder import (
     Stage,
     fingerprint,
@@ -56,17 +56,14 @@ def run(cfg: Config, force: bool = False) -> None:
         log.warning("evaluate: %s has no ground-truth masks for split %r; only the classifier is scored",
                     cfg.data.root, cfg.maps.split)
     else:
-        walked = walked_refiners(cfg)
         methods = [m for m in cfg.maps.methods if is_per_image(m)]
-        methods += [cfg.refine.method + SUFFIX] if cfg.affinity.enabled else []  # the affinity stage's walked maps
+        methods += [walked_maps(cfg)] if cfg.affinity.enabled else []  # the affinity stage's walked maps
         metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep) for m in methods}
         for m, result in metrics["maps"].items():
             if "sweep" in result:
                 plot_sweep(result, m, run_dir / "plots" / f"sweep_{m}.png")
-        metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": cfg.refine.method}
-                                   for r in cfg.refine.refiners}
-        metrics["pseudo_masks"].update({r: {**evaluate_labels(ds, gts, run_dir / "refined" / r),
-                                            "maps": cfg.refine.method + SUFFIX} for r in walked})
+        metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": maps}
+                                   for r, maps in label_sets(cfg).items()}
         metrics["baselines"] = evaluate_baselines(ds, gts)
     faithfulness_s = None
     if cfg.evaluate.faithfulness.enabled:  # cached in faithfulness.json: only what changed is recomputed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.export import export_pseudo_masks
-from pipeline.refine import SUFFIX, walked_refiners
+from pipeline.refine import SUFFIX, label_sets
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import log, maps_dataset
 
@@ -41,9 +41,9 @@ def _check_refined(key: str, name: str, refiners: list[str]) -> None:
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, e = cfg.run_path, cfg.export
-    refined = [*cfg.refine.refiners, *walked_refiners(cfg)]
-    refiner = export_refiner(e.refiner, refined)
-    agree = agreeing_refiners(e.agree_with, refiner, refined)  # both checked before anything changes
+    refined = label_sets(cfg)
+    refiner = export_refiner(e.refiner, list(refined))
+    agree = agreeing_refiners(e.agree_with, refiner, list(refined))  # both checked before anything changes
     walk = [stage_fingerprint(run_dir, "affinity")] if cfg.affinity.enabled else []
     fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"), *walk)
     stage = Stage(run_dir, "export", fp)
@@ -53,7 +53,7 @@ def run(cfg: Config, force: bool = False) -> None:
     stage.begin(fresh=force)
 
     ds = maps_dataset(cfg)
-    map_method = cfg.refine.method + (SUFFIX if refiner.endswith(SUFFIX) else "")
+    map_method = refined[refiner]
     manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
                                    provenance={"refiner": refiner, "map_method": map_method,
                                                "agree_with": agree},

@@ -17,9 +17,18 @@ from pipeline.registry import Registry
 SUFFIX = "_rw"  # maps/<method>_rw/ and refined/<refiner>_rw/: after the affinity random walk (refine/affinity.py)
 
 
-def walked_refiners(cfg: Config) -> list[str]:
-    """The label sets of the affinity stage (refined/<refiner>_rw/): none when it is off."""
-    return [r + SUFFIX for r in cfg.affinity.refiners] if cfg.affinity.enabled else []
+def walked_maps(cfg: Config) -> str:
+    """The map method of the affinity stage's walked maps (maps/<refine.method>_rw/)."""
+    return cfg.refine.method + SUFFIX
+
+
+def label_sets(cfg: Config) -> dict[str, str]:
+    """Every refined label set of a run (refined/<name>/) -> the maps it refines: each of refine.refiners on
+    refine.method's maps, and with the affinity stage on each of affinity.refiners on the walked maps."""
+    sets = {r: cfg.refine.method for r in cfg.refine.refiners}
+    if cfg.affinity.enabled:
+        sets |= {r + SUFFIX: walked_maps(cfg) for r in cfg.affinity.refiners}
+    return sets
 
 
 @dataclass(frozen=True)

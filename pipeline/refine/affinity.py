@@ -171,14 +171,13 @@ class _Item:
 def collect(net: nn.Module, ckpt: dict, ds: SegDataset, label_dirs: list[Path], cfg: AffinityConfig,
             device: torch.device) -> list[_Item]:
     """The classifier's features and the cell labels of every image of ``ds``."""
-    num_labels = ds.num_classes + int(ds.background)
     items = []
     with torch.no_grad(), autocast(device):
         for s in tqdm(ds.samples, desc="affinity features", leave=False):
             image = read_image(s.image_path)
             feats = [f[0].half().cpu() for f in taps(net, to_tensor(image, ckpt["mean"], ckpt["std"], device))]
             labels = [read_mask(d / f"{s.id}.png", image.shape[:2]) for d in label_dirs]
-            items.append(_Item(s.id, feats, cell_labels(labels, num_labels, tuple(feats[0].shape[-2:]),
+            items.append(_Item(s.id, feats, cell_labels(labels, ds.num_labels, tuple(feats[0].shape[-2:]),
                                                         cfg.cell_agreement)))
     return items
 

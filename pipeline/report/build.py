@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.refine import walked_refiners
+from pipeline.refine import label_sets
 from pipeline.report import figures as fg
 from pipeline.report.html import (
     cards,
@@ -68,7 +68,7 @@ class ReportBuilder:
         from pipeline.maps.generate import is_per_image
 
         self.methods = [m for m in cfg.maps.methods if is_per_image(m)]
-        self.refiners = [*cfg.refine.refiners, *walked_refiners(cfg)]
+        self.refiners = list(label_sets(cfg))
         self.colours = fg.label_colours(ds.background)
 
     # ------------------------------------------------------------------------------------------ page
