@@ -241,6 +241,12 @@ class SegmenterConfig:
     pretrained: str = "packaged"  # none | imagenet | packaged | <path to a state dict>
     output_stride: int | None = None  # 8 or 16 (dilated last stages); None = the backbone's own (smallcnn 8, else 16)
     channels: int = 128  # width of the ASPP head (torchvision's is 256)
+    # classifier: the backbone's features as the classifier reads them (EfficientNet-Lite0: 1280 channels);
+    # last_stage: its last stage without the classifier's widening 1x1 conv (320 channels), as DeepLab on MobileNetV2
+    features: Literal["last_stage", "classifier"] = "last_stage"
+    # the backbone's first stages (its taps, finest first) keep their pretrained weights and BatchNorm
+    # statistics and get no gradient (mmseg's frozen_stages); 0 = train every layer
+    frozen_stages: int = 0
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     input_size: int = 256  # images are resized to this longest side, for training (then scaled) and prediction
     crop_size: int = 256  # training crops (padded with ignore where the scaled image is smaller)

@@ -82,7 +82,7 @@ def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str,
     device = ctx.device
     train_samples = samples()
     net, backbone = build_segmenter(s.backbone, s.pretrained, ds.num_labels, s.channels, s.atrous_rates,
-                                    s.output_stride)
+                                    s.output_stride, s.frozen_stages, s.features)
     info = {"input_size": s.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
             "classes": ds.classes, "background": ds.background}
     log.info("train_%s: deeplabv3/%s on %d images with %s masks (%s%s), %d epochs", name, s.backbone,
@@ -95,7 +95,7 @@ def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str,
 
     save_torch(run_dir / f"{name}.pt", segmenter_state(
         net, backbone=backbone, backbone_name=s.backbone, classes=ds.classes, background=ds.background,
-        channels=s.channels, atrous_rates=s.atrous_rates, input_size=s.input_size, masks=masks))
+        channels=s.channels, atrous_rates=s.atrous_rates, input_size=s.input_size, masks=masks, features=s.features))
     write_json(run_dir / f"{name}_log.json", history)
     plot_training_curves(history, run_dir / "plots" / f"{name}.png", title=f"{name} ({masks} masks)",
                          loss_label="pixel CE loss", metric=("val_miou", "val mIoU"))

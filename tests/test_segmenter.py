@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import CRFConfig
 from pipeline.errors import ConfigError
-from pipeline.models.segmenter import build_segmenter, load_segmenter, segmenter_state
+from pipeline.models.backbones import create_backbone
+from pipeline.models.segmenter import DeepLabV3, build_segmenter, load_segmenter, segmenter_state
 from pipeline.runfolder import save_torch, voc_palette
 from pipeline.segmenter.predict import Predictor, checked_scales, overlay
 from pipeline.segmenter.train import segmentation_loss
@@ -86,8 +88,9 @@ def test_multi_scale_testing_averages_the_scales(checkpoint):
     assert all(p.shape == (4, 30, 41) and np.allclose(p.sum(0), 1, atol=1e-5) for p in at.values())
     assert np.allclose(at[1.0], Predictor(net, ckpt, torch.device("cpu")).probs(image), atol=1e-6)  # the default
     seen = []
-    handle = net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
-    multi = Predictor(net, ckpt, torch.device("cpu"), scales=(0.5, 1.0, 1.5)).probs(image)
+    predictor = Predictor(net, ckpt, torch.device("cpu"), scales=(0.5, 1.0, 1.5))
+    handle = predictor.net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    multi = predictor.probs(image)
     handle.remove()
     assert seen == [(2, 3, 18, 24), (2, 3, 35, 48), (2, 3, 52, 72)]  # longest side 48 (input_size) x scale, + mirror
     assert np.allclose(multi, (at[0.5] + at[1.0] + at[1.5]) / 3, atol=1e-5)
@@ -104,7 +107,7 @@ def test_a_batch_of_images_gives_each_its_own_probabilities(checkpoint):
     images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(30, 41, 3), (20, 48, 3), (30, 41, 3)]]
     predictor = Predictor(net, ckpt, torch.device("cpu"), scales=(0.5, 1.0))
     seen = []
-    handle = net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    handle = predictor.net.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
     batch = predictor.probs_batch(images)
     handle.remove()
     assert seen == [(4, 3, 18, 24), (4, 3, 35, 48), (2, 3, 10, 24), (2, 3, 20, 48)]  # by size, + mirrors
@@ -219,3 +222,75 @@ def test_disabled_segmenter_is_skipped_and_not_scored(tiny_voc, tmp_path):
     run = tmp_path / "run"
     assert not (run / "segmenter.pt").exists() and not (run / "train_segmenter.done.json").exists()
     assert "segmenter" not in json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name, stages, first_trained", [
+    ("smallcnn", 1, "4.0.weight"),  # taps "3", "5": stage 1 ends with module 3
+    ("resnet18", 1, "net.layer2.0.conv1.weight"),  # stem + layer1 (detectron2's freeze_at=2)
+    ("tf_efficientnet_lite0", 2, "net.blocks.3.0.conv_pw.weight"),  # stem + blocks 0-2 (stride 8)
+])
+def test_frozen_stages_keep_their_weights_and_statistics(name, stages, first_trained):
+    torch.manual_seed(0)
+    net = DeepLabV3(create_backbone(name, "none"), num_labels=3, channels=8, atrous_rates=[2, 4, 6],
+                    frozen_stages=stages)  # (build_segmenter refuses to freeze random weights: below)
+    names = [n for n, _ in net.named_parameters()]
+    trained = [n for n, p in net.named_parameters() if p.requires_grad]
+    # the parameters before the first trained one are frozen, none after it (registration order = forward order)
+    assert trained == names[names.index("backbone." + first_trained):]
+    frozen = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+              and not m.weight.requires_grad]
+    assert frozen and all(not m.training for m in net.train().modules() if m in frozen)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    F.cross_entropy(net(x), torch.randint(0, 3, (2, 64, 64))).backward()
+    opt.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen_keys = {k for k in before if k.rpartition(".")[0] in
+                   {n.rpartition(".")[0] for n in names[:names.index("backbone." + first_trained)]}}
+    assert frozen_keys and not changed & frozen_keys  # weights and running statistics alike
+    assert "backbone." + first_trained in changed
+
+    # a frozen BatchNorm swapped for another layer (as SyncBatchNorm replaces it under DDP on CUDA) stays frozen
+    name = next(n for n, m in net.named_modules() if m in frozen)
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent), child, copy.deepcopy(net.get_submodule(name)).train())
+    assert not net.train().get_submodule(name).training
+
+
+def test_frozen_stages_out_of_range_or_random_name_the_key(tmp_path):
+    weights = tmp_path / "smallcnn.pt"
+    torch.save(create_backbone("smallcnn").body.state_dict(), weights)
+    with pytest.raises(ConfigError, match="segmenter.frozen_stages.*expected 0 to 2"):
+        build_segmenter("smallcnn", str(weights), num_labels=3, channels=8, atrous_rates=[2, 4, 6], frozen_stages=3)
+    with pytest.raises(ConfigError, match="segmenter.frozen_stages.*randomly initialised"):
+        build_segmenter("smallcnn", "none", num_labels=3, channels=8, atrous_rates=[2, 4, 6], frozen_stages=1)
+
+
+def test_last_stage_features_drop_the_classifier_widening(tmp_path):
+    torch.manual_seed(0)
+    net, bb = build_segmenter("tf_efficientnet_lite0", "none", num_labels=3, channels=8, atrous_rates=[6, 12, 18],
+                              features="last_stage")
+    assert bb.channels == 320
+    assert not any(n.startswith(("backbone.net.conv_head", "backbone.net.bn2")) for n, _ in net.named_parameters())
+    full, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 8, [6, 12, 18], features="classifier")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the body ends at the last block: what the full body feeds its 1x1 widening conv
+        fed = {}
+        full.backbone.net.conv_head.register_forward_pre_hook(lambda m, i: fed.update(x=i[0]))
+        full.backbone.net.load_state_dict(net.backbone.net.state_dict(), strict=False)
+        full.eval()(x)
+        assert torch.allclose(net.eval().backbone(x), fed["x"], atol=1e-6)
+
+    path = tmp_path / "segmenter.pt"  # the checkpoint rebuilds the same network
+    save_torch(path, segmenter_state(net, backbone=bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
+                                     background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64,
+                                     masks="pseudo", features="last_stage"))
+    loaded, ckpt = load_segmenter(path)
+    assert ckpt["features"] == "last_stage"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="segmenter.features"):
+        build_segmenter("smallcnn", "none", 3, 8, [2, 4, 6], features="head")

@@ -38,6 +38,21 @@ class Backbone:
     # submodules of body whose outputs are its stage features, finest first (as timm's feature_info): with the
     # body's own output, the multi-level features of AffinityNet (pipeline/refine/affinity.py)
     taps: tuple[str, ...] = ()
+    # submodules at the end of body that only widen its last stage for the classifier (EfficientNet's 1x1
+    # conv_head, 320 -> 1280 channels, and its BatchNorm), and the channels of that last stage
+    widening: tuple[str, ...] = ()
+    stage_channels: int | None = None
+
+    def drop_widening(self) -> Backbone:
+        """This backbone with ``widening`` taken out of its body (in place), so that the body ends at its last
+        stage, as DeepLab on MobileNetV2 reads the 320 channels of the last inverted-residual block rather than
+        the 1280 of the classifier's 1x1 convolution (a segmenter step at 128 px took 1.2x less time)."""
+        for name in self.widening:
+            parent, _, child = name.rpartition(".")
+            setattr(self.body.get_submodule(parent), child, nn.Identity())
+        if self.widening:
+            self.channels, self.widening = self.stage_channels, ()
+        return self
 
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "classifier.backbone")
@@ -53,6 +68,26 @@ def create_backbone(name: str, pretrained: str = "none", output_stride: int | No
     backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
     exact_faster(backbone.body)
     return backbone
+
+
+def stage_modules(backbone: Backbone, stages: int, key: str) -> list[str]:
+    """The names (in body) of the modules that compute its first ``stages`` stage outputs (``taps``, finest
+    first): every module with tensors of its own registered before the end of the tap ``taps[stages - 1]``,
+    as the backbones here are written in forward order (timm's EfficientNets, torchvision's ResNets,
+    smallcnn's Sequential). ``key`` is the config key that asked, for the error when ``stages`` is out of
+    range. What mmseg calls ``frozen_stages``. Names rather than modules, because a layer can be swapped
+    for another after this (``SyncBatchNorm`` for data-parallel training on CUDA)."""
+    if not 0 <= stages <= len(backbone.taps):
+        raise ConfigError(f"config key '{key}': {stages} stages, but the backbone has {len(backbone.taps)} "
+                          f"({', '.join(backbone.taps) or 'none'}); expected 0 to {len(backbone.taps)}")
+    if stages == 0:
+        return []
+    last = backbone.taps[stages - 1]
+    modules = list(backbone.body.named_modules())
+    end = max(i for i, (name, _) in enumerate(modules) if name == last or name.startswith(last + "."))
+    # the modules that hold tensors of their own (a parent such as a stage would reach past the end)
+    return [name for name, m in modules[1:end + 1]
+            if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None]
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -184,4 +219,5 @@ def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = 
     mean = tuple(net.pretrained_cfg["mean"])
     std = tuple(net.pretrained_cfg["std"])
     return Backbone(_TimmBody(net), net.num_features, stride, mean, std,
-                    taps=tuple(f"net.blocks.{i}" for i in (1, 2, 4, 6)))
+                    taps=tuple(f"net.blocks.{i}" for i in (1, 2, 4, 6)),
+                    widening=("net.conv_head", "net.bn2"), stage_channels=net.blocks[-1][-1].conv_pwl.out_channels)

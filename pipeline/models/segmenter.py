@@ -20,18 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError, first_line
-from pipeline.models.backbones import Backbone, create_backbone
+from pipeline.errors import ConfigError, UserError, first_line
+from pipeline.models.backbones import Backbone, create_backbone, stage_modules
 from pipeline.models.convs import exact_faster
 
 
 class DeepLabV3(nn.Module):
     def __init__(self, backbone: Backbone, num_labels: int, channels: int = 128,
-                 atrous_rates: Sequence[int] = (6, 12, 18)):
+                 atrous_rates: Sequence[int] = (6, 12, 18), frozen_stages: int = 0):
         from torchvision.models.segmentation.deeplabv3 import ASPP
 
         super().__init__()
         self.backbone = backbone.body
+        # the first stages keep their (pretrained) weights and BatchNorm statistics: no gradient, eval mode
+        self._frozen = [f"backbone.{name}" for name in stage_modules(backbone, frozen_stages,
+                                                                       "segmenter.frozen_stages")]
+        for name in self._frozen:
+            self.get_submodule(name).requires_grad_(False)
         self.head = nn.Sequential(
             ASPP(backbone.channels, list(atrous_rates), out_channels=channels),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
@@ -40,6 +45,13 @@ class DeepLabV3(nn.Module):
             nn.Conv2d(channels, num_labels, 1),
         )
         exact_faster(self.head)
+        self.train()
+
+    def train(self, mode: bool = True) -> DeepLabV3:
+        super().train(mode)
+        for name in self._frozen:
+            self.get_submodule(name).eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images [B,3,H,W] -> label logits [B,L,H,W]"""
@@ -48,18 +60,29 @@ class DeepLabV3(nn.Module):
 
 
 def build_segmenter(backbone: str, pretrained: str, num_labels: int, channels: int,
-                    atrous_rates: Sequence[int], output_stride: int | None = None) -> tuple[DeepLabV3, Backbone]:
+                    atrous_rates: Sequence[int], output_stride: int | None = None,
+                    frozen_stages: int = 0, features: str = "last_stage") -> tuple[DeepLabV3, Backbone]:
+    """``features``: ``classifier`` (the backbone's features as the classifier reads them) or ``last_stage``
+    (without the layers that only widen them for the classifier: ``Backbone.drop_widening``)."""
+    if frozen_stages and pretrained == "none":
+        raise ConfigError(f"config key 'segmenter.frozen_stages': {frozen_stages} stages of a randomly initialised "
+                          "backbone would never train (set segmenter.pretrained, or frozen_stages: 0)")
     bb = create_backbone(backbone, pretrained, output_stride)
-    return DeepLabV3(bb, num_labels, channels, atrous_rates), bb
+    if features == "last_stage":
+        bb.drop_widening()
+    elif features != "classifier":
+        raise ConfigError(f"config key 'segmenter.features': {features!r}, expected classifier or last_stage")
+    return DeepLabV3(bb, num_labels, channels, atrous_rates, frozen_stages), bb
 
 
 def segmenter_state(net: nn.Module, *, backbone: Backbone, backbone_name: str, classes: list[str],
                     background: bool, channels: int, atrous_rates: Sequence[int], input_size: int,
-                    masks: str) -> dict[str, Any]:
+                    masks: str, features: str = "last_stage") -> dict[str, Any]:
     """The checkpoint: weights + what ``load_segmenter`` and ``predict`` need (classes, normalisation, size)."""
     return {"model": "deeplabv3", "backbone": backbone_name, "output_stride": backbone.stride,
             "classes": list(classes), "background": background,
-            "channels": channels, "atrous_rates": list(atrous_rates), "mean": list(backbone.mean),
+            "channels": channels, "atrous_rates": list(atrous_rates), "features": features,
+            "mean": list(backbone.mean),
             "std": list(backbone.std), "input_size": input_size, "masks": masks,
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
@@ -71,8 +94,9 @@ def load_segmenter(path: Path, device: torch.device | str = "cpu") -> tuple[Deep
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         num_labels = len(ckpt["classes"]) + int(ckpt["background"])
+        features = ckpt.get("features", "classifier")  # checkpoints from before the key read the classifier's
         net, _ = build_segmenter(ckpt["backbone"], "none", num_labels, ckpt["channels"], ckpt["atrous_rates"],
-                                 ckpt["output_stride"])
+                                 ckpt["output_stride"], features=features)
         net.load_state_dict(ckpt["state_dict"])
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in torch.load, a foreign one on its keys
         raise UserError(f"{path}: not a readable segmenter checkpoint ({first_line(exc)}); "

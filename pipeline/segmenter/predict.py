@@ -29,6 +29,7 @@ from pipeline.device import autocast
 from pipeline.errors import ConfigError, UserError
 from pipeline.maps import chunks
 from pipeline.metrics import ConfusionMatrix
+from pipeline.models.fold import inference_copy
 from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
 
 
@@ -45,8 +46,10 @@ class Predictor:
     def __init__(self, net: nn.Module, ckpt: dict[str, Any], device: torch.device, flip: bool = True,
                  crf: CRFConfig | None = None, scales: tuple[float, ...] = (1.0,)):
         # channels_last, as in training: the default run's 100 val images took 2.7 s against 3.8 s in batches
-        # of 16 on a 2-core CPU (and 4.6 s one by one)
-        self.net = net.eval().to(memory_format=torch.channels_last)
+        # of 16 on a 2-core CPU (and 4.6 s one by one); with BatchNorm folded into the convolutions (an
+        # inference copy, checked on a probe input) 2.5 s against 3.1 s, the same labels
+        probe = torch.zeros(1, 3, ckpt["input_size"], ckpt["input_size"], device=device)
+        self.net = inference_copy(net.eval(), probe)
         self.device, self.flip, self.crf = device, flip, crf
         self.scales = tuple(scales)
         self.transform = segmenter_eval_transform(ckpt["input_size"], ckpt["mean"], ckpt["std"])
