@@ -95,7 +95,7 @@ def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str,
 
     save_torch(run_dir / f"{name}.pt", segmenter_state(
         net, backbone=backbone, backbone_name=s.backbone, classes=ds.classes, background=ds.background,
-        channels=s.channels, atrous_rates=s.atrous_rates, input_size=s.input_size, masks=masks, features=s.features))
+        channels=s.channels, atrous_rates=s.atrous_rates, input_size=s.input_size, masks=masks))
     write_json(run_dir / f"{name}_log.json", history)
     plot_training_curves(history, run_dir / "plots" / f"{name}.png", title=f"{name} ({masks} masks)",
                          loss_label="pixel CE loss", metric=("val_miou", "val mIoU"))

@@ -287,9 +287,13 @@ def test_last_stage_features_drop_the_classifier_widening(tmp_path):
     path = tmp_path / "segmenter.pt"  # the checkpoint rebuilds the same network
     save_torch(path, segmenter_state(net, backbone=bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
                                      background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64,
-                                     masks="pseudo", features="last_stage"))
+                                     masks="pseudo"))
     loaded, ckpt = load_segmenter(path)
     assert ckpt["features"] == "last_stage"
+    full_bb = create_backbone("tf_efficientnet_lite0", "none")  # with its widening: the classifier's features
+    assert segmenter_state(full, backbone=full_bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
+                           background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64,
+                           masks="pseudo")["features"] == "classifier"
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
     with pytest.raises(ConfigError, match="segmenter.features"):

@@ -77,8 +77,11 @@ def build_segmenter(backbone: str, pretrained: str, num_labels: int, channels: i
 
 def segmenter_state(net: nn.Module, *, backbone: Backbone, backbone_name: str, classes: list[str],
                     background: bool, channels: int, atrous_rates: Sequence[int], input_size: int,
-                    masks: str, features: str = "last_stage") -> dict[str, Any]:
-    """The checkpoint: weights + what ``load_segmenter`` and ``predict`` need (classes, normalisation, size)."""
+                    masks: str) -> dict[str, Any]:
+    """The checkpoint: weights + what ``load_segmenter`` and ``predict`` need (classes, normalisation, size).
+    ``features`` is read off ``backbone``: a backbone that still has its widening layers feeds the head the
+    classifier's features."""
+    features = "classifier" if backbone.widening else "last_stage"
     return {"model": "deeplabv3", "backbone": backbone_name, "output_stride": backbone.stride,
             "classes": list(classes), "background": background,
             "channels": channels, "atrous_rates": list(atrous_rates), "features": features,
