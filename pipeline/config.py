@@ -193,7 +193,7 @@ class AffinityConfig:
     # B, a_ij = 1 - max B on the segment from i to j
     kind: Literal["embedding", "boundary"] = "embedding"
     labels_from: list[str] = field(default_factory=lambda: ["crf", "graphcut"])  # pixels where these agree
-    cell_agreement: float = 0.9  # a stride-8 cell is labelled where this share of its pixels has one label
+    cell_agreement: float = 0.9  # a cell is labelled where this share of its pixels has one label
     stride: int = 8  # the grid of cells, in pixels: 8 or 4 (4x the cells; the backbone's stride-4 stage joins the taps)
     radius: int = 5  # pairs (and walk steps) within this many cells
     dim: int = 256  # embedding channels

@@ -17,7 +17,7 @@ random walk along those affinities then spreads each class map over its object a
    - ``boundary`` (IRN): the head outputs one channel, the boundary map B = sigmoid(.), and
      a_ij = 1 - max B over the cells on the segment from i to j (``path_offsets``). Two cells are apart when
      any boundary lies between them, so a boundary learnt on one pair of labelled cells separates every pair
-     across it (on MSRC-21 this, with the stride-4 grid, is what lifts the walked maps; ``configs/msrc21.yaml``).
+     across it (on MSRC-21, on the stride-4 grid, it lifts the walked maps but not the masks refined from them).
    The loss (``pair_loss``) is -log a_ij averaged over the labelled pairs of equal label, plus -log(1 - a_ij)
    averaged over those of different labels. (Both papers split the equal pairs into foreground and background
    pairs and average three terms; a dataset without a background class has only the two.)
