@@ -96,6 +96,14 @@ def test_cell_labels_take_a_label_where_enough_agreeing_pixels_have_it():
     assert cell_labels([a, b], 2, (2, 2), 0.99).tolist() == [[IGNORE, IGNORE], [IGNORE, 1]]
 
 
+def _dense_walk(a: torch.Tensor, maps: torch.Tensor, beta: float, steps: int) -> torch.Tensor:
+    """The walk of ``maps`` [K,h,w] as a dense matrix power: (D^-1 a^beta)^steps."""
+    weights = a**beta
+    t = weights / weights.sum(1, keepdim=True)
+    k, h, w = maps.shape
+    return (torch.linalg.matrix_power(t, steps) @ maps.reshape(k, -1).t()).t().reshape(k, h, w)
+
+
 def test_pair_loss_is_its_definition_over_every_pair_within_the_radius():
     torch.manual_seed(0)
     h, w, radius = 6, 7, 3
@@ -119,9 +127,7 @@ def test_random_walk_is_the_row_normalised_transition_matrix_to_the_power_steps(
     h, w, radius, beta, steps = 5, 6, 3, 4.0, 7
     emb = torch.randn(16, h, w, dtype=torch.float64) * 0.3
     maps = torch.rand(2, h, w, dtype=torch.float64)
-    weights = _dense_affinity(emb, radius) ** beta
-    t = weights / weights.sum(1, keepdim=True)
-    expected = (torch.linalg.matrix_power(t, steps) @ maps.reshape(2, -1).t()).t().reshape(2, h, w)
+    expected = _dense_walk(_dense_affinity(emb, radius), maps, beta, steps)
     torch.testing.assert_close(random_walk(maps, emb, radius, beta, steps), expected)
     ones = torch.ones(1, h, w, dtype=torch.float64)  # T is row-stochastic: a constant map stays constant
     torch.testing.assert_close(random_walk(ones, emb, radius, beta, steps), ones)
@@ -139,12 +145,17 @@ def test_random_walk_spreads_over_the_region_and_stops_at_its_edge():
     assert right.max() < 1e-6 * left.min()  # and not across the edge (exp(-3)^16 ~ 1e-21 per step)
 
 
-def test_training_separates_the_embeddings_of_differently_labelled_cells():
+def _two_regions(h: int, w: int, edge: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Cell labels 0 left of column ``edge`` and 1 from it on, and random features (a fine and a coarse level)."""
     torch.manual_seed(0)
-    h, w = 8, 8
     labels = torch.zeros(h, w, dtype=torch.long)
-    labels[:, 4:] = 1
-    feats = [torch.randn(6, h, w).half(), torch.randn(10, 4, 4).half()]
+    labels[:, edge:] = 1
+    return labels, [torch.randn(6, h, w).half(), torch.randn(10, h // 2, w // 2).half()]
+
+
+def test_training_separates_the_embeddings_of_differently_labelled_cells():
+    h, w = 8, 8
+    labels, feats = _two_regions(h, w, 4)
     feats[0][:, :, 4:] += 2  # the features tell the regions apart; the head must learn to
     item = _Item("x", feats, labels)
     cfg = AffinityConfig(enabled=True, epochs=30, accumulate=1, radius=3, dim=16, lr=1e-2)
@@ -204,18 +215,13 @@ def test_boundary_affinities_and_their_walk_are_the_definition():
     upper = torch.triu(torch.ones_like(a, dtype=torch.bool), 1) & (a > 0)
     torch.testing.assert_close(got[upper], a[upper])
     maps = torch.rand(2, h, w, dtype=torch.float64)
-    weights = a ** beta
-    t = weights / weights.sum(1, keepdim=True)
-    expected = (torch.linalg.matrix_power(t, steps) @ maps.reshape(2, -1).t()).t().reshape(2, h, w)
-    torch.testing.assert_close(random_walk(maps, logits, radius, beta, steps, "boundary"), expected)
+    torch.testing.assert_close(random_walk(maps, logits, radius, beta, steps, "boundary"),
+                               _dense_walk(a, maps, beta, steps))
 
 
 def test_boundary_training_puts_the_boundary_between_the_regions_and_the_walk_stops_there():
-    torch.manual_seed(0)
     h, w = 8, 10
-    labels = torch.zeros(h, w, dtype=torch.long)
-    labels[:, 5:] = 1
-    feats = [torch.randn(6, h, w).half(), torch.randn(10, 4, 5).half()]
+    labels, feats = _two_regions(h, w, 5)
     feats[0][:2, :, 4:6] += 3  # the features mark the two columns of the edge; the head must learn to
     item = _Item("x", feats, labels)
     cfg = AffinityConfig(enabled=True, kind="boundary", epochs=60, accumulate=1, radius=3, lr=3e-2)
