@@ -47,8 +47,16 @@ class ACoLConfig:
 
 
 @dataclass
+class ReCAMConfig:
+    """ReCAM (Chen et al. 2022); see pipeline/models/recam_net.py."""
+
+    weight: float = 1.0  # lambda: the softmax cross-entropy on the class-specific features, beside the BCE
+    epochs: int | None = 4  # it joins in the last `epochs` of classifier.epochs (null: in all of them)
+
+
+@dataclass
 class ClassifierConfig:
-    model: Literal["cam", "acol"] = "cam"
+    model: Literal["cam", "acol", "recam"] = "cam"
     backbone: str = "smallcnn"
     pretrained: str = "none"  # none | imagenet | packaged | <path to a state dict>
     input_size: int = 128
@@ -59,6 +67,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     workers: int = 0
     acol: ACoLConfig = field(default_factory=ACoLConfig)  # options of model acol (bound by name: classifier.<model>)
+    recam: ReCAMConfig = field(default_factory=ReCAMConfig)  # options of model recam
 
 
 @dataclass

@@ -184,6 +184,8 @@ def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter]
         loader = ctx.loader(train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last,
                             key=f"{section}.batch_size", num_workers=cfg.workers, persistent_workers=False)
         model.train()
+        if hasattr(net, "set_epoch"):  # a model whose losses follow a schedule (ReCAM: the softmax loss)
+            net.set_epoch(epoch, cfg.epochs)
         losses: dict[str, list[float]] = {}
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main)
         for x, y in bar:

@@ -1,4 +1,4 @@
-"""Models: backbones by name, the classifiers (CAM, ACoL), and their checkpoint."""
+"""Models: backbones by name, the classifiers (CAM, ACoL, ReCAM), and their checkpoint."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pipeline.errors import UserError, first_line
 from pipeline.models.acol_net import ACoLNet
 from pipeline.models.backbones import BACKBONES, Backbone, create_backbone
 from pipeline.models.cam_net import CAMNet
+from pipeline.models.recam_net import ReCAMNet
 
-__all__ = ["ACoLNet", "BACKBONES", "Backbone", "CAMNet", "build_classifier", "load_classifier", "classifier_state"]
+__all__ = ["ACoLNet", "BACKBONES", "Backbone", "CAMNet", "ReCAMNet", "build_classifier", "load_classifier",
+           "classifier_state"]
 
-MODELS = {"cam": CAMNet, "acol": ACoLNet}
+MODELS = {"cam": CAMNet, "acol": ACoLNet, "recam": ReCAMNet}
 
 
 def build_classifier(model: str, backbone: str, pretrained: str, num_classes: int,

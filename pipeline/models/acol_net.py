@@ -29,12 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.backbones import Backbone
-
-
-def normalised(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """ReLU, then each map divided by its maximum over the positions: [..., h, w] -> [0, 1]."""
-    maps = F.relu(maps)
-    return maps / maps.flatten(-2).amax(-1)[..., None, None].clamp_min(eps)
+from pipeline.models.cam_net import normalised
 
 
 def predicted_classes(scores: torch.Tensor) -> torch.Tensor:

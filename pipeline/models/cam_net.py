@@ -7,9 +7,16 @@ The class activation map is CAM_c = sum_k w_kc f_k, the same linear layer applie
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.backbones import Backbone
+
+
+def normalised(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """ReLU, then each map divided by its maximum over the positions: [..., h, w] -> [0, 1]."""
+    maps = F.relu(maps)
+    return maps / maps.flatten(-2).amax(-1)[..., None, None].clamp_min(eps)
 
 
 class CAMNet(nn.Module):
