@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.maps import register_map
-from pipeline.maps.cam import upsampled_pairs
+from pipeline.maps.cam import requested_upsampled
 
 
 @register_map("acol")
@@ -23,6 +23,4 @@ def acol(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch
     if not hasattr(model, "fused_maps"):
         raise ConfigError(f"config key 'maps.methods': acol needs an ACoL classifier (classifier.model: acol), "
                           f"not {type(model).__name__}")
-    b, c = classes.nonzero(as_tuple=True)
-    maps = model.fused_maps(model.features(images), classes)
-    return upsampled_pairs(maps[b, c], b, c, classes, images.shape[-2:])
+    return requested_upsampled(model.fused_maps(model.features(images), classes), classes, images.shape[-2:])

@@ -33,12 +33,16 @@ def upsampled_pairs(maps: torch.Tensor, b: torch.Tensor, c: torch.Tensor, classe
     return out
 
 
+def requested_upsampled(maps: torch.Tensor, classes: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """[B,C,h,w] maps -> [B,C,*size]: the requested classes upsampled (bilinear), zero for the others."""
+    b, c = classes.nonzero(as_tuple=True)
+    return upsampled_pairs(maps[b, c], b, c, classes, size)
+
+
 @register_map("cam")
 @torch.no_grad()
 def cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    b, c = classes.nonzero(as_tuple=True)
-    maps = F.relu(model.class_maps(model.features(images)))
-    return upsampled_pairs(maps[b, c], b, c, classes, images.shape[-2:])
+    return requested_upsampled(F.relu(model.class_maps(model.features(images))), classes, images.shape[-2:])
 
 
 def layer_activations_and_scores(model: nn.Module, images: torch.Tensor, layer: str) -> tuple[torch.Tensor,

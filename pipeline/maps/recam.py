@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.maps import register_map
-from pipeline.maps.cam import upsampled_pairs
+from pipeline.maps.cam import requested_upsampled
 
 
 @register_map("recam")
@@ -22,6 +22,4 @@ def recam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torc
     if not hasattr(model, "recam_maps"):
         raise ConfigError(f"config key 'maps.methods': recam needs a ReCAM classifier (classifier.model: recam), "
                           f"not {type(model).__name__}")
-    b, c = classes.nonzero(as_tuple=True)
-    maps = F.relu(model.recam_maps(model.features(images)))
-    return upsampled_pairs(maps[b, c], b, c, classes, images.shape[-2:])
+    return requested_upsampled(F.relu(model.recam_maps(model.features(images))), classes, images.shape[-2:])

@@ -19,6 +19,11 @@ def normalised(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return maps / maps.flatten(-2).amax(-1)[..., None, None].clamp_min(eps)
 
 
+def linear_maps(feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A bias-free linear head [C,K] applied at every position: [B,K,h,w] -> [B,C,h,w]."""
+    return torch.einsum("bkhw,ck->bchw", feats, weight.to(feats.dtype))
+
+
 class CAMNet(nn.Module):
     multilabel = True  # trained with BCE: class probabilities are sigmoids of the scores (read by Score-CAM)
 
@@ -40,4 +45,4 @@ class CAMNet(nn.Module):
 
     def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
         """Raw CAMs at feature resolution: [B,K,h,w] -> [B,C,h,w] (before ReLU)."""
-        return torch.einsum("bkhw,ck->bchw", feats, self.classifier.weight.to(feats.dtype))
+        return linear_maps(feats, self.classifier.weight)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.backbones import Backbone
-from pipeline.models.cam_net import CAMNet, normalised
+from pipeline.models.cam_net import CAMNet, linear_maps, normalised
 
 
 class ReCAMNet(CAMNet):
@@ -47,7 +47,7 @@ class ReCAMNet(CAMNet):
 
     def recam_maps(self, feats: torch.Tensor) -> torch.Tensor:
         """W' at every position: [B,K,h,w] -> [B,C,h,w] (before ReLU)."""
-        return torch.einsum("bkhw,ck->bchw", feats, self.classifier_re.weight.to(feats.dtype))
+        return linear_maps(feats, self.classifier_re.weight)
 
     def class_features(self, feats: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """f^c [P,K] of the pairs (image b, class c): the features averaged under the image's normalised CAM
