@@ -228,7 +228,7 @@ def test_disabled_segmenter_is_skipped_and_not_scored(tiny_voc, tmp_path):
     ("smallcnn", 1, "4.0.weight"),  # taps "3", "5": stage 1 ends with module 3
     ("resnet18", 1, "net.layer2.0.conv1.weight"),  # stem + layer1 (detectron2's freeze_at=2)
     ("tf_efficientnet_lite0", 2, "net.blocks.3.0.conv_pw.weight"),  # stem + blocks 0-2 (stride 8)
-    ("tf_efficientnet_lite2", 2, "net.blocks.3.0.conv_pw.weight"),  # the same stages, wider (configs/msrc21.yaml)
+    ("tf_efficientnet_lite2", 2, "net.blocks.3.0.conv_pw.weight"),  # the same stages, wider
 ])
 def test_frozen_stages_keep_their_weights_and_statistics(name, stages, first_trained):
     torch.manual_seed(0)

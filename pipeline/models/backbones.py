@@ -10,6 +10,7 @@ offline; timm's model takes them by key order), or a path to a local state-dict 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,8 +205,6 @@ class _TimmBody(nn.Module):
 
 
 def _efficientnet_lite(version: int, pretrained: str, output_stride: int | None) -> Backbone:
-    import importlib
-
     import timm
 
     name = f"tf_efficientnet_lite{version}"
