@@ -59,6 +59,8 @@ class ClassifierConfig:
     model: Literal["cam", "acol", "recam"] = "cam"
     backbone: str = "smallcnn"
     pretrained: str = "none"  # none | imagenet | packaged | <path to a state dict>
+    # 8 or 16 (dilated last stages: finer CAMs, for several times the compute); None = the backbone's own
+    output_stride: int | None = None
     input_size: int = 128
     epochs: int = 12
     batch_size: int = 32

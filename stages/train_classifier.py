@@ -51,7 +51,8 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     device = ctx.device
     options = getattr(c, c.model, None)  # classifier.<model>, the model's options if any (acol, recam)
     net, backbone = build_classifier(c.model, c.backbone, c.pretrained, train_ds.num_classes,
-                                     dataclasses.asdict(options) if options is not None else None)
+                                     dataclasses.asdict(options) if options is not None else None,
+                                     output_stride=c.output_stride)
     log.info("train_classifier: %s/%s on %d images (%s%s), %d epochs", c.model, c.backbone, len(train_ds),
              device, f" x {ctx.world_size} processes" if ctx.distributed else "", c.epochs)
     history = train_classifier(net, list(net.backbone.parameters()), c, train_ds, val_ds, backbone.mean,

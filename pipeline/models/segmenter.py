@@ -67,7 +67,7 @@ def build_segmenter(backbone: str, pretrained: str, num_labels: int, channels: i
     if frozen_stages and pretrained == "none":
         raise ConfigError(f"config key 'segmenter.frozen_stages': {frozen_stages} stages of a randomly initialised "
                           "backbone would never train (set segmenter.pretrained, or frozen_stages: 0)")
-    bb = create_backbone(backbone, pretrained, output_stride)
+    bb = create_backbone(backbone, pretrained, output_stride, section="segmenter")
     if features == "last_stage":
         bb.drop_widening()
     elif features != "classifier":
