@@ -187,7 +187,7 @@ def _resnet(name: str, pretrained: str, output_stride: int | None) -> Backbone:
     weights = "DEFAULT" if pretrained == "imagenet" else None
     if pretrained == "packaged":
         raise BackboneOptionError("pretrained", f"no packaged weights for {name} "
-                          "(only tf_efficientnet_lite0/1/2); use imagenet or a file path")
+                                  "(only tf_efficientnet_lite0/1/2); use imagenet or a file path")
     net = getattr(torchvision.models, name)(weights=weights)
     if pretrained not in ("none", "imagenet"):
         load_weights(net, load_state_dict_file(pretrained), pretrained)
