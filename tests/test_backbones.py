@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.models import build_classifier
+from pipeline.models import build_classifier, classifier_state, load_classifier
 from pipeline.models.backbones import create_backbone
 
 
@@ -70,8 +70,6 @@ def test_a_refused_backbone_option_names_the_key_of_the_section_that_asked():
 def test_a_stride_8_classifier_keeps_its_stride_through_the_checkpoint(tmp_path):
     """classifier.output_stride 8 dilates the last stage; load_classifier rebuilds it at that stride with the
     same outputs, and a checkpoint without the key (older runs) loads at the backbone's own stride 16."""
-    from pipeline.models import classifier_state, load_classifier
-
     torch.manual_seed(0)
     net, bb = build_classifier("cam", "tf_efficientnet_lite0", "none", 3, output_stride=8)
     net.eval()

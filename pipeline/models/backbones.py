@@ -67,7 +67,7 @@ class BackboneOptionError(ConfigError):
 
     def __init__(self, option: str, message: str):
         super().__init__(message)
-        self.option, self.message = option, message
+        self.option = option
 
 
 def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None,
@@ -80,7 +80,7 @@ def create_backbone(name: str, pretrained: str = "none", output_stride: int | No
             raise BackboneOptionError("output_stride", f"{output_stride}: expected one of {OUTPUT_STRIDES}")
         backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
     except BackboneOptionError as err:
-        raise ConfigError(f"config key '{section}.{err.option}': {err.message}") from None
+        raise ConfigError(f"config key '{section}.{err.option}': {err}") from None
     exact_faster(backbone.body)
     return backbone
 
