@@ -43,5 +43,6 @@ def run(cfg: Config, force: bool = False) -> None:
     save_torch(run_dir / "affinity.pt", {"state_dict": head.state_dict(), "losses": losses})
     walk_maps(head, items, ds, run_dir / "maps" / cfg.refine.method, walked, a, device)
     for name in a.refiners:
-        refine_split(name, ds, walked, run_dir / "refined" / (name + SUFFIX), cfg.refine, ray=cfg.ray)
+        refine_split(name, ds, walked, run_dir / "refined" / (name + SUFFIX), cfg.refine, ray=cfg.ray,
+                     cache_dir=run_dir / "cache")
     stage.finish(images=len(ds), losses=[round(x, 4) for x in losses])

@@ -2,6 +2,9 @@
 
 A refiner is ``fn(maps [K,H,W] float32 in [0,1], classes [K] int, image HxWx3 uint8 | None,
 background: bool, cfg: RefineConfig) -> uint8 [H,W]`` and never writes a class outside ``classes``.
+A refiner registered with ``cache=True`` is also given ``cache: Path | None``, keyword-only: a path stem
+unique to the image inside the run folder (``<run>/cache/<refiner>/<image id>``), where it may keep what
+depends only on the image (e.g. an encoder's embedding) across runs; ``None`` means no caching.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ def label_sets(cfg: Config) -> dict[str, str]:
 class Refiner:
     fn: Callable[..., np.ndarray]
     needs_image: bool
+    cache: bool = False
 
 
 REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
 get_refiner = REFINERS.get
 
 
-def register_refiner(name: str, needs_image: bool = False):
+def register_refiner(name: str, needs_image: bool = False, cache: bool = False):
     def deco(fn):
-        REFINERS.add(name, Refiner(fn, needs_image))
+        REFINERS.add(name, Refiner(fn, needs_image, cache))
         return fn
 
     return deco

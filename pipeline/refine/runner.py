@@ -44,6 +44,7 @@ class _Job:
     class_names: tuple[str, ...]
     background: bool
     cfg: RefineConfig
+    cache: Path | None = None  # <run>/cache/<refiner>/<id>, for refiners registered with cache=True
 
 
 def refine_label(job: _Job) -> np.ndarray:
@@ -52,7 +53,8 @@ def refine_label(job: _Job) -> np.ndarray:
     maps, classes = load_maps(job.map_path, list(job.class_names))
     image = read_image(job.image_path) if refiner.needs_image else None
     try:
-        label = refiner.fn(maps, classes, image, job.background, job.cfg)
+        extra = {"cache": job.cache} if refiner.cache else {}
+        label = refiner.fn(maps, classes, image, job.background, job.cfg, **extra)
     except DataError as exc:
         raise DataError(f"{job.map_path}: {exc}") from None
     allowed = set((classes + int(job.background)).tolist()) | {255} | ({0} if job.background else set())
@@ -68,12 +70,14 @@ def _run_one(job: _Job) -> str:
 
 
 def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cfg: RefineConfig,
-                 skip_existing: bool = False, ray: RayConfig | None = None) -> int:
+                 skip_existing: bool = False, ray: RayConfig | None = None, cache_dir: Path | None = None) -> int:
     """Refine every image of ``ds`` (on Ray as ``ray`` says when ``cfg.executor`` is ray); returns the
-    number of images processed now."""
-    get_refiner(refiner)  # fail early on a bad name
+    number of images processed now. ``cache_dir``: the run's cache folder, for refiners that keep a per-image
+    cache (``<cache_dir>/<refiner>/<id>``)."""
+    base = get_refiner(refiner).cache and cache_dir is not None  # get_refiner fails early on a bad name
     jobs = [_Job(refiner, maps_dir / f"{s.id}.npz", s.image_path, out_dir / f"{s.id}.png", tuple(ds.classes),
-                 ds.background, cfg) for s in ds.samples]
+                 ds.background, cfg, cache_dir / refiner / s.id if base else None)
+            for s in ds.samples]
     if skip_existing:
         jobs = [j for j in jobs if not j.out_path.exists()]
     workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
