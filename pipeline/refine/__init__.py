@@ -5,6 +5,9 @@ background: bool, cfg: RefineConfig) -> uint8 [H,W]`` and never writes a class o
 A refiner registered with ``cache=True`` is also given ``cache: Path | None``, keyword-only: a path stem
 unique to the image inside the run folder (``<run>/cache/<refiner>/<image id>``), where it may keep what
 depends only on the image (e.g. an encoder's embedding) across runs; ``None`` means no caching.
+Such a refiner may also have ``prepare(images: list[Path], caches: list[Path], cfg: RefineConfig, device: str)``,
+which the runner calls once in the main process before the per-image jobs, with the images still to refine and
+their cache stems: it fills the caches in batches (e.g. an image encoder on the GPU, in mixed precision).
 """
 
 from __future__ import annotations
@@ -39,15 +42,17 @@ class Refiner:
     fn: Callable[..., np.ndarray]
     needs_image: bool
     cache: bool = False
+    prepare: Callable[..., None] | None = None
 
 
 REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
 get_refiner = REFINERS.get
 
 
-def register_refiner(name: str, needs_image: bool = False, cache: bool = False):
+def register_refiner(name: str, needs_image: bool = False, cache: bool = False,
+                     prepare: Callable[..., None] | None = None):
     def deco(fn):
-        REFINERS.add(name, Refiner(fn, needs_image, cache))
+        REFINERS.add(name, Refiner(fn, needs_image, cache, prepare))
         return fn
 
     return deco
