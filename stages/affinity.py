@@ -44,5 +44,5 @@ def run(cfg: Config, force: bool = False) -> None:
     walk_maps(head, items, ds, run_dir / "maps" / cfg.refine.method, walked, a, device)
     for name in a.refiners:
         refine_split(name, ds, walked, run_dir / "refined" / (name + SUFFIX), cfg.refine, ray=cfg.ray,
-                     cache_dir=run_dir / "cache")
+                     cache_dir=run_dir / "cache", device=cfg.device)
     stage.finish(images=len(ds), losses=[round(x, 4) for x in losses])

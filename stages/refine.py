@@ -30,5 +30,5 @@ def run(cfg: Config, force: bool = False) -> None:
                  "Ray tasks" if r.executor == "ray" else f"{resolve_workers(r.workers)} workers")
         for name in r.refiners:
             refine_split(name, ds, run_dir / "maps" / r.method, run_dir / "refined" / name, r,
-                         skip_existing=resuming, ray=cfg.ray, cache_dir=run_dir / "cache")
+                         skip_existing=resuming, ray=cfg.ray, cache_dir=run_dir / "cache", device=cfg.device)
     stage.finish(images=len(ds))

@@ -70,16 +70,20 @@ def _run_one(job: _Job) -> str:
 
 
 def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cfg: RefineConfig,
-                 skip_existing: bool = False, ray: RayConfig | None = None, cache_dir: Path | None = None) -> int:
+                 skip_existing: bool = False, ray: RayConfig | None = None, cache_dir: Path | None = None,
+                 device: str = "auto") -> int:
     """Refine every image of ``ds`` (on Ray as ``ray`` says when ``cfg.executor`` is ray); returns the
     number of images processed now. ``cache_dir``: the run's cache folder, for refiners that keep a per-image
-    cache (``<cache_dir>/<refiner>/<id>``)."""
-    base = get_refiner(refiner).cache and cache_dir is not None  # get_refiner fails early on a bad name
+    cache (``<cache_dir>/<refiner>/<id>``); ``device``: where such a refiner's ``prepare`` pass runs."""
+    spec = get_refiner(refiner)  # fails early on a bad name
+    base = spec.cache and cache_dir is not None
     jobs = [_Job(refiner, maps_dir / f"{s.id}.npz", s.image_path, out_dir / f"{s.id}.png", tuple(ds.classes),
                  ds.background, cfg, cache_dir / refiner / s.id if base else None)
             for s in ds.samples]
     if skip_existing:
         jobs = [j for j in jobs if not j.out_path.exists()]
+    if spec.prepare is not None and base and jobs:
+        spec.prepare([j.image_path for j in jobs], [j.cache for j in jobs], cfg, device)
     workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"refine {refiner}", leave=False)
     if cfg.executor == "ray":
