@@ -3,7 +3,7 @@ CONFIG ?= configs/default.yaml
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WSSS := $(PY) -m pipeline.cli
+WSSS := $(PY) -m stages.cli
 STAGE_NAMES := train_classifier make_maps refine affinity export train_segmenter evaluate report
 
 .PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
@@ -37,7 +37,7 @@ bench: install
 # README "Scaling".
 NPROC ?= 2
 train_classifier_ddp train_segmenter_ddp: install
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m pipeline.cli $(@:_ddp=) --config $(CONFIG)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m stages.cli $(@:_ddp=) --config $(CONFIG)
 
 # make_maps and refine, local against Ray, on a finished run; e.g.
 # BENCH_EXECUTORS_ARGS='--config configs/msrc21.yaml --source runs/msrc21 --images 48'

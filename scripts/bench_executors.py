@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cli import main
+from stages.cli import main
 
 
 def digests(run: Path, sub: str) -> dict[str, str]:

@@ -12,10 +12,10 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pipeline.cli import main
 from pipeline.maps import get_map_method
 from pipeline.maps.class_model import class_model_images, to_uint8
 from pipeline.maps.generate import is_per_image
+from stages.cli import main
 
 SIZE = 32
 PAPER = {"jitter": 0, "blur_every": 0}  # the paper's plain objective

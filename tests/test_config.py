@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import config_from_dict, load_config
 from pipeline.errors import ConfigError
+from stages.cli import main
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -32,9 +32,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main
 from pipeline.distributed import DistContext, GlobalBatchSampler, epoch_permutation
 from pipeline.errors import ConfigError
+from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -76,7 +76,7 @@ def run(cmd: list[str], log: Path) -> str:
 
 
 def train(nproc: int, cfg: Path, log: Path) -> str:
-    return run(torchrun(nproc, "-m", "pipeline.cli", "train_classifier", "--config", str(cfg)), log)
+    return run(torchrun(nproc, "-m", "stages.cli", "train_classifier", "--config", str(cfg)), log)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -183,7 +183,7 @@ def test_ddp_resumes_after_sigkill(base, ddp2):
     resume = run_dir / "classifier.resume.pt"
     log = base / "killed1.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(torchrun(2, "-m", "pipeline.cli", "train_classifier", "--config", str(cfg)), cwd=REPO,
+        proc = subprocess.Popen(torchrun(2, "-m", "stages.cli", "train_classifier", "--config", str(cfg)), cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + TIMEOUT_S
@@ -239,7 +239,7 @@ def test_ddp_two_processes_train_the_single_process_segmenter(base):
         cfg = yaml.safe_load(configs[name].read_text())
         configs[name].write_text(yaml.safe_dump({**cfg, "segmenter": SEGMENTER}))
     assert main(["train_segmenter", "--config", str(configs["seg_single"])]) == 0
-    log = run(torchrun(2, "-m", "pipeline.cli", "train_segmenter", "--config", str(configs["seg_ddp2"])),
+    log = run(torchrun(2, "-m", "stages.cli", "train_segmenter", "--config", str(configs["seg_ddp2"])),
               base / "seg_ddp2.log")
     ours, theirs = (json.loads((base / d / "segmenter_log.json").read_text()) for d in ("seg_single", "seg_ddp2"))
     assert len(theirs) == 2 and abs(theirs[0]["loss"] - ours[0]["loss"]) < 2e-2 * ours[0]["loss"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
 from pipeline.runfolder import read_json, write_json
+from stages.cli import main
 
 pytest.importorskip("ray")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.voc import read_voc
 from pipeline.evaluation import evaluate_maps, gt_masks
+from stages.cli import main
 from stages.common import maps_dataset
 
 TINY = {

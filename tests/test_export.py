@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from pipeline.cli import main
 from pipeline.data import IGNORE, read_mask
 from pipeline.export import consensus
 from pipeline.maps.io import save_maps
+from stages.cli import main
 from tests.test_reliability_errors import CLASSES, TRAIN_LABELS, error_line, write_config
 
 

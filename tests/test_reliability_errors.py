@@ -15,12 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import read_image
 from pipeline.data.dataset import image_shape
 from pipeline.maps.io import save_maps
 from pipeline.runfolder import save_label_png
+from stages.cli import main
 from tests.conftest import write_rgb
 
 CLASSES = ["cat", "dog", "sofa"]

@@ -27,9 +27,9 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline.models.backbones import create_backbone
 from pipeline.runfolder import read_json, write_json
+from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "evaluate")
@@ -123,7 +123,7 @@ def interrupt(stage: str, cfg: Path, run: Path, ready: Callable[[], bool], sig: 
     """Run ``wsss <stage>`` in a subprocess, send ``sig`` to its process group as soon as ``ready()``, and
     return its stderr. It must die of the signal midway: SIGINT ends in one 'interrupted' line, no traceback."""
     with log.open("w") as err:  # a file, not a pipe: progress bars would fill a pipe and block the stage
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", stage, "--config", str(cfg)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", stage, "--config", str(cfg)], cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
         try:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.report import build_report
 from pipeline.runfolder import write_json
+from stages.cli import main
 from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline.config import CRFConfig
 from pipeline.errors import ConfigError
 from pipeline.models.backbones import create_backbone
@@ -19,6 +18,7 @@ from pipeline.models.segmenter import DeepLabV3, build_segmenter, load_segmenter
 from pipeline.runfolder import save_torch, voc_palette
 from pipeline.segmenter.predict import Predictor, checked_scales, overlay
 from pipeline.segmenter.train import segmentation_loss
+from stages.cli import main
 from tests.conftest import write_rgb
 
 
