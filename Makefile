@@ -44,6 +44,11 @@ train_classifier_ddp train_segmenter_ddp: install
 bench_executors: install
 	OMP_NUM_THREADS=1 $(PY) scripts/bench_executors.py $(BENCH_EXECUTORS_ARGS)
 
+# docs/configuration.md, generated from pipeline/config.py (tests/test_docs.py fails when it is stale).
+.PHONY: docs
+docs: install
+	$(PY) scripts/config_docs.py
+
 lint: install
 	$(PY) -m ruff check .
 
