@@ -47,20 +47,10 @@ class ACoLConfig:
 
 
 @dataclass
-class ReCAMConfig:
-    """ReCAM (Chen et al. 2022); see pipeline/models/recam_net.py."""
-
-    weight: float = 1.0  # lambda: the softmax cross-entropy on the class-specific features, beside the BCE
-    epochs: int | None = 4  # it joins in the last `epochs` of classifier.epochs (null: in all of them)
-
-
-@dataclass
 class ClassifierConfig:
-    model: Literal["cam", "acol", "recam"] = "cam"
+    model: Literal["cam", "acol"] = "cam"
     backbone: str = "smallcnn"
     pretrained: str = "none"  # none | imagenet | packaged | <path to a state dict>
-    # 8 or 16 (dilated last stages: finer CAMs, for several times the compute); None = the backbone's own
-    output_stride: int | None = None
     input_size: int = 128
     epochs: int = 12
     batch_size: int = 32
@@ -68,8 +58,8 @@ class ClassifierConfig:
     backbone_lr_mult: float = 1.0
     weight_decay: float = 1e-4
     workers: int = 0
+    fast_cpu_convs: bool = True  # dilated convolutions with a written-out CPU backward (pipeline/models/convs.py)
     acol: ACoLConfig = field(default_factory=ACoLConfig)  # options of model acol (bound by name: classifier.<model>)
-    recam: ReCAMConfig = field(default_factory=ReCAMConfig)  # options of model recam
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training of the classifier on image-level labels: multi-label BCE, AdamW with a cosine schedule.
 
-A model with a ``training_losses(x, targets) -> {name: loss}`` method (ACoL: BCE of branch A and of
-branch B) is trained on the sum of its losses, each logged per epoch as ``loss_<name>``.
+The loss is the classifier's ``training_losses(x, targets) -> {name: loss}`` (``pipeline.models.Classifier``:
+the multi-label BCE, or for ACoL the BCE of branch A and of branch B): their sum is trained, each logged per
+epoch as ``loss_<name>`` when there are several.
 
 Resumable: the state after each epoch goes to a resume file; a rerun with the same fingerprint
 continues from the last finished epoch and gives the same weights as an uninterrupted run.
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -34,6 +34,7 @@ from pipeline.device import autocast
 from pipeline.distributed import DistContext, sample_seed
 from pipeline.errors import ConfigError, first_line
 from pipeline.metrics import mean_average_precision
+from pipeline.models import Classifier
 from pipeline.runfolder import save_torch
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,9 @@ def predict_scores(net: nn.Module, data: Dataset, device: torch.device, batch_si
     return torch.cat(out).numpy()
 
 
-def training_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The model's own ``training_losses`` if it has them, else the multi-label BCE of its scores."""
-    if hasattr(net, "training_losses"):
-        return net.training_losses(x, y)
-    return {"bce": F.binary_cross_entropy_with_logits(net(x).float(), y)}
+def training_losses(net: Classifier, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifier's losses (``Classifier.training_losses``)."""
+    return net.training_losses(x, y)
 
 
 Losses = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -110,7 +109,7 @@ def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and state.get("fingerprint") == fingerprint else None
 
 
-def train_classifier(net: nn.Module, backbone_params: list[nn.Parameter], cfg: ClassifierConfig,
+def train_classifier(net: Classifier, backbone_params: list[nn.Parameter], cfg: ClassifierConfig,
                      train_ds: SegDataset, val_ds: SegDataset | None, mean, std, device: torch.device,
                      seed: int, resume_path: Path, fingerprint: str,
                      ctx: DistContext | None = None) -> list[dict[str, Any]]:
@@ -146,10 +145,9 @@ def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter]
     global batch. ``cfg`` is the config ``section`` (``epochs``, ``batch_size``, ``lr``, ``backbone_lr_mult``,
     ``weight_decay``, ``workers``): AdamW with the backbone at ``lr * backbone_lr_mult``, a linear warm-up
     over the first epoch (at most a tenth of the steps) then cosine decay. The AdamW is fused on CPU and CUDA
-    (one kernel for all parameters: 12.6 against 42 ms a step for the segmenter's 9.6M parameters on a 2-core
-    CPU, the same updates within 1e-6). ``net`` and the image batches are in channels_last memory format (a
-    segmenter or classifier step on EfficientNet-Lite0 took 1.14x / 1.18x less time on a 2-core CPU). After
-    every epoch rank 0 saves the resume state; a rerun with the same ``fingerprint`` continues from there.
+    (one kernel for all parameters, the same updates up to float error). ``net`` and the image batches are in
+    channels_last memory format (faster convolutions on CPU; docs/experiments.md). After every epoch rank 0
+    saves the resume state; a rerun with the same ``fingerprint`` continues from there.
     Parameters that need no gradient (frozen stages) stay out of the optimiser."""
     name = name or section
     device = ctx.device
@@ -184,8 +182,6 @@ def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter]
         loader = ctx.loader(train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last,
                             key=f"{section}.batch_size", num_workers=cfg.workers, persistent_workers=False)
         model.train()
-        if hasattr(net, "set_epoch"):  # a model whose losses follow a schedule (ReCAM: the softmax loss)
-            net.set_epoch(epoch, cfg.epochs)
         losses: dict[str, list[float]] = {}
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main)
         for x, y in bar:

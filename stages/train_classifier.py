@@ -1,4 +1,4 @@
-"""Stage 1: train the classifier (CAM, ACoL or ReCAM) on image-level labels -> classifier.pt, train_log.json, curves.
+"""Stage 1: train the classifier (CAM or ACoL) on image-level labels -> classifier.pt, train_log.json, curves.
 
 Under ``torchrun --nproc_per_node N`` every process trains its share of each batch (DDP); rank 0 alone
 writes the run folder."""
@@ -11,7 +11,6 @@ from pipeline.config import Config
 from pipeline.data import load_dataset, prepare_data
 from pipeline.device import seed_everything
 from pipeline.distributed import DistContext, distributed
-from pipeline.errors import ConfigError
 from pipeline.models import build_classifier, classifier_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, write_json
@@ -26,11 +25,6 @@ def run(cfg: Config, force: bool = False) -> None:
 
 def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     run_dir, c = cfg.run_path, cfg.classifier
-    if c.model == "recam" and c.recam.weight < 0:
-        raise ConfigError(f"config key 'classifier.recam.weight': expected a weight >= 0, got {c.recam.weight}")
-    if c.model == "recam" and c.recam.epochs is not None and c.recam.epochs < 1:
-        raise ConfigError(f"config key 'classifier.recam.epochs': expected at least 1 epoch (or null: all of "
-                          f"them), got {c.recam.epochs}")
     if ctx.is_main:
         prepare_data(cfg.data)  # a synthetic set is generated once, by rank 0
     ctx.barrier()  # and every process has written config.yaml before rank 0 clears temp files in begin()
@@ -49,10 +43,10 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
 
     seed_everything(cfg.seed)
     device = ctx.device
-    options = getattr(c, c.model, None)  # classifier.<model>, the model's options if any (acol, recam)
+    options = getattr(c, c.model, None)  # classifier.<model>, the model's options if any (acol)
     net, backbone = build_classifier(c.model, c.backbone, c.pretrained, train_ds.num_classes,
                                      dataclasses.asdict(options) if options is not None else None,
-                                     output_stride=c.output_stride)
+                                     fast_cpu_convs=c.fast_cpu_convs)
     log.info("train_classifier: %s/%s on %d images (%s%s), %d epochs", c.model, c.backbone, len(train_ds),
              device, f" x {ctx.world_size} processes" if ctx.distributed else "", c.epochs)
     history = train_classifier(net, list(net.backbone.parameters()), c, train_ds, val_ds, backbone.mean,

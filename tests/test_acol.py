@@ -9,9 +9,10 @@ from torch import nn
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
 from pipeline.maps import get_map_method
-from pipeline.models import ACoLNet, build_classifier, classifier_state, load_classifier
+from pipeline.models import ACoLNet, Classifier, build_classifier, classifier_state, load_classifier
 from pipeline.models.acol_net import predicted_classes
 from pipeline.models.backbones import Backbone
+from pipeline.models.classifier import is_multilabel
 from pipeline.train import training_losses
 
 # two feature channels on a 2x2 map, fed straight to the heads by an identity backbone
@@ -118,3 +119,18 @@ def test_acol_maps_need_an_acol_classifier():
     net, _ = build_classifier("cam", "smallcnn", "none", 2)
     with pytest.raises(ConfigError, match="classifier.model: acol"):
         get_map_method("acol")(net.eval(), torch.randn(1, 3, 16, 16), torch.tensor([[True, False]]))
+
+
+def test_classifiers_share_the_interface_the_call_sites_use():
+    """``pipeline.models.Classifier``: the training loop calls ``training_losses``, Score-CAM reads
+    ``multilabel``, the acol method takes an ``ACoLNet``; a CAM net's losses default to the BCE of its scores."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for model, parts in (("cam", {"bce"}), ("acol", {"a", "b"})):
+        net, _ = build_classifier(model, "smallcnn", "none", 2)
+        assert isinstance(net, Classifier) and net.multilabel and is_multilabel(net)
+        assert set(training_losses(net, x, y)) == parts
+    cam, _ = build_classifier("cam", "smallcnn", "none", 2)
+    torch.testing.assert_close(training_losses(cam, x, y)["bce"],
+                               nn.functional.binary_cross_entropy_with_logits(cam(x), y))
+    assert not is_multilabel(nn.Linear(2, 2))  # any other module: softmax

@@ -61,32 +61,35 @@ def test_packaged_weights_without_their_wheel_name_the_package(monkeypatch):
 def test_a_refused_backbone_option_names_the_key_of_the_section_that_asked():
     with pytest.raises(ConfigError, match=r"^config key 'segmenter\.pretrained': no packaged weights for resnet18"):
         create_backbone("resnet18", "packaged", section="segmenter")
-    with pytest.raises(ConfigError, match=r"^config key 'classifier\.output_stride': 16: smallcnn has output stride 8"):
-        create_backbone("smallcnn", "none", 16)
+    with pytest.raises(ConfigError, match=r"^config key 'segmenter\.output_stride': 16: smallcnn has output stride 8"):
+        create_backbone("smallcnn", "none", 16, section="segmenter")
     with pytest.raises(ConfigError, match=r"^config key 'segmenter\.output_stride': 32: expected one of \(8, 16\)"):
         create_backbone("resnet18", "none", 32, section="segmenter")
 
 
-def test_a_stride_8_classifier_keeps_its_stride_through_the_checkpoint(tmp_path):
-    """classifier.output_stride 8 dilates the last stage; load_classifier rebuilds it at that stride with the
-    same outputs, and a checkpoint without the key (older runs) loads at the backbone's own stride 16."""
+def test_classifiers_use_the_backbones_own_stride_and_older_checkpoints_still_load(tmp_path):
+    """A checkpoint at the backbone's own stride (16 for EfficientNet-Lite0), or without the key (older runs),
+    loads with the same outputs; one of the removed classifier.output_stride 8 fails in one line."""
     torch.manual_seed(0)
-    net, bb = build_classifier("cam", "tf_efficientnet_lite0", "none", 3, output_stride=8)
+    net, bb = build_classifier("cam", "tf_efficientnet_lite0", "none", 3)
     net.eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         scores = net(x)
     state = classifier_state(net, model="cam", backbone=bb, backbone_name="tf_efficientnet_lite0",
                              classes=["a", "b", "c"], background=False, input_size=64)
-    assert state["output_stride"] == 8
-    torch.save(state, tmp_path / "c.pt")
-    loaded, ckpt = load_classifier(tmp_path / "c.pt")
-    assert ckpt["output_stride"] == 8
-    with torch.no_grad():
-        assert loaded.features(x).shape[-2:] == (8, 12)
-        torch.testing.assert_close(loaded(x), scores)
-    del state["output_stride"]
-    torch.save(state, tmp_path / "old.pt")
-    old, _ = load_classifier(tmp_path / "old.pt")
-    with torch.no_grad():
-        assert old.features(x).shape[-2:] == (4, 6)
+    assert state["output_stride"] == 16
+    for name, stride in (("own.pt", 16), ("old.pt", None)):
+        if stride is None:
+            del state["output_stride"]
+        torch.save(state, tmp_path / name)
+        loaded, _ = load_classifier(tmp_path / name)
+        with torch.no_grad():
+            assert loaded.features(x).shape[-2:] == (4, 6)
+            torch.testing.assert_close(loaded(x), scores)
+    torch.save({**state, "output_stride": 8}, tmp_path / "s8.pt")
+    with pytest.raises(UserError, match=r"trained at output stride 8, .*rerun train_classifier with --force$"):
+        load_classifier(tmp_path / "s8.pt")
+    torch.save({**state, "model": "recam"}, tmp_path / "recam.pt")
+    with pytest.raises(UserError, match=r"model 'recam' is no longer one of cam, acol; rerun train_classifier"):
+        load_classifier(tmp_path / "recam.pt")

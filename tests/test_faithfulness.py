@@ -24,6 +24,7 @@ from pipeline.metrics.faithfulness import (
     pixel_ranks,
     step_counts,
 )
+from pipeline.models import Classifier
 
 H = W = 4
 R = np.zeros((H, W), bool)
@@ -34,7 +35,7 @@ def sig(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
-class LinearNet(nn.Module):
+class LinearNet(Classifier):
     """logit_c = sum over channels and pixels of w_c * x + b_c."""
 
     multilabel = True

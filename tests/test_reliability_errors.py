@@ -452,14 +452,3 @@ def test_error_keeps_earlier_outputs(voc, capsys, damage):
     after = snapshot(run)
     kept = {k for k in before if not k.endswith(".done.json")}
     assert {k: after.get(k) for k in kept} == {k: before[k] for k in kept}
-
-
-def test_error_recam_options(voc, capsys):
-    _, cfg, run = voc
-    line = error_line(capsys, "train_classifier", "--config", str(cfg), "--set", "classifier.model=recam",
-                      "classifier.recam.weight=-1")
-    assert "config key 'classifier.recam.weight': expected a weight >= 0, got -1" in line
-    line = error_line(capsys, "train_classifier", "--config", str(cfg), "--set", "classifier.model=recam",
-                      "classifier.recam.epochs=0")
-    assert "config key 'classifier.recam.epochs': expected at least 1 epoch" in line
-    assert not (run / "classifier.pt").exists()

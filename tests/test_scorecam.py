@@ -9,13 +9,13 @@ from torch import nn
 
 from pipeline.maps import get_map_method
 from pipeline.maps.scorecam import increase_of_confidence
-from pipeline.models import build_classifier
+from pipeline.models import Classifier, build_classifier
 
 SIZE = (32, 32)
 SHARES = {3: 2}  # TinyNet's channel -> the channel whose masked inputs (and SS-CAM noise) it shares
 
 
-class TinyNet(nn.Module):
+class TinyNet(Classifier):
     """conv (stride 1) -> ReLU -> conv (stride 2) -> ReLU -> GAP -> linear. In ``backbone`` (the second conv's
     output), channels 0 and 1 are constant (0.5 everywhere; dead after the ReLU), channel 3 is twice channel 2
     (the same normalised map, so the method forwards its mask once)."""
@@ -26,8 +26,7 @@ class TinyNet(nn.Module):
         self.backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
                                       nn.Conv2d(6, 16, 3, stride=2, padding=1), nn.ReLU())
         self.classifier = nn.Linear(16, num_classes)
-        if multilabel is not None:  # None: a generic classifier without the attribute (softmax)
-            self.multilabel = multilabel
+        self.multilabel = bool(multilabel)
         with torch.no_grad():
             conv = self.backbone[2]
             conv.weight[:2] = 0
@@ -35,6 +34,17 @@ class TinyNet(nn.Module):
             conv.weight[3], conv.bias[3] = 2 * conv.weight[2], 2 * conv.bias[2]
             self.classifier.weight.mul_(4)  # confident enough that the masks move the probabilities
         self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x).mean(dim=(2, 3)))
+
+
+class Generic(nn.Module):
+    """A classifier's layers in a plain ``nn.Module``, outside ``pipeline.models.Classifier``: softmax."""
+
+    def __init__(self, net: TinyNet):
+        super().__init__()
+        self.backbone, self.classifier = net.backbone, net.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x).mean(dim=(2, 3)))
@@ -159,7 +169,7 @@ def test_zero_for_other_classes_and_constant_channels_skipped(tiny, batch):
     (True, "softmax", softmax), (None, "sigmoid", torch.sigmoid)])
 def test_probability_sigmoid_for_multilabel_softmax_otherwise(batch, multilabel, probability, expected):
     x, classes = batch
-    model = TinyNet(multilabel)
+    model = TinyNet(multilabel) if multilabel is not None else Generic(TinyNet())  # None: not a Classifier
     ours = get_map_method("scorecam")(model, x, classes, probability=probability)
     torch.testing.assert_close(ours, naive_scorecam(model, x, classes, expected), atol=1e-5, rtol=1e-4)
 
@@ -221,7 +231,7 @@ def test_peers_torchcam_scorecam_and_sscam(tiny, batch):
                 torch.testing.assert_close(peer(class_idx=c, normalized=False)[0], ours[:, c], atol=1e-5, rtol=1e-4)
 
 
-class StemNet(nn.Module):
+class StemNet(Classifier):
     """A ResNet-like stem, 7 x 7 x 3 convolution (stride 2) + BatchNorm, then two stride-2 convolutions:
     ``backbone`` is 4 x 4 at 32 px, so its 18 basis maps are cheaper than the stem's 147 weights per output.
     ``reads_input``: the score also reads the input itself (past the first layer), as no CNN classifier

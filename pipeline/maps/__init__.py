@@ -58,5 +58,4 @@ from pipeline.maps import acol as _acol  # noqa: E402,F401
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)
 from pipeline.maps import class_model as _class_model  # noqa: E402,F401
 from pipeline.maps import gradients as _gradients  # noqa: E402,F401
-from pipeline.maps import recam as _recam  # noqa: E402,F401
 from pipeline.maps import scorecam as _scorecam  # noqa: E402,F401

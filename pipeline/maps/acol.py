@@ -15,12 +15,13 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.maps import register_map
 from pipeline.maps.cam import requested_upsampled
+from pipeline.models.acol_net import ACoLNet
 
 
 @register_map("acol")
 @torch.no_grad()
 def acol(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    if not hasattr(model, "fused_maps"):
+    if not isinstance(model, ACoLNet):
         raise ConfigError(f"config key 'maps.methods': acol needs an ACoL classifier (classifier.model: acol), "
                           f"not {type(model).__name__}")
     return requested_upsampled(model.fused_maps(model.features(images), classes), classes, images.shape[-2:])

