@@ -158,7 +158,6 @@ class CRFConfig:
     band: bool = True  # with background: two runs (alpha_fg, alpha_bg), 255 where their labels disagree
     alpha_fg: float = 0.5  # foreground-confident run: higher alpha = weaker background = more foreground
     alpha_bg: float = 0.25  # background-confident run: lower alpha = stronger background
-    band_power: float = 0.0  # without background: > 0 = a second run with this power, 255 where the two disagree
 
 
 @dataclass

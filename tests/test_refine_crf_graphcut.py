@@ -106,7 +106,7 @@ def test_crf_band_ignores_exactly_where_the_two_runs_disagree():
     image, _, blob = _scene(seed=2)
     cfg = CRFConfig(alpha_fg=4.0, alpha_bg=0.05)  # far apart: a wide band
     maps, classes = np.stack([blob, 0.6 * blob[:, ::-1]]), np.array([1, 6])
-    fg_run, bg_run = crf_band_runs(maps, classes, image, True, cfg)
+    fg_run, bg_run = crf_band_runs(maps, classes, image, cfg)
     label = crf_labels(maps, classes, image, True, cfg)
     disagree = fg_run != bg_run
     assert disagree.any() and not disagree.all()
@@ -115,16 +115,11 @@ def test_crf_band_ignores_exactly_where_the_two_runs_disagree():
     assert ((fg_run != 0) >= (bg_run != 0)).all()  # the foreground-confident run has the more foreground
 
 
-def test_crf_without_background_band_ignores_where_weak_and_sharp_unaries_disagree():
+def test_crf_without_background_is_one_run_without_a_band():
+    """Without a background class every pixel is one of the image's classes: ``band`` changes nothing."""
     image, _, blob = _scene(seed=3)
     maps, classes = np.stack([blob, 1.0 - blob]), np.array([0, 1])
-    cfg = CRFConfig(band_power=3.0)
-    plain = crf_labels(maps, classes, image, False, CRFConfig(band_power=0.0))
-    weak, sharp = crf_band_runs(maps, classes, image, False, cfg)
-    banded = crf_labels(maps, classes, image, False, cfg)
-    assert 255 not in plain
-    np.testing.assert_array_equal(weak, plain)  # the first run is the plain one
-    ignored = banded == 255
-    assert ignored.any() and not ignored.all()
-    np.testing.assert_array_equal(ignored, weak != sharp)
-    np.testing.assert_array_equal(banded[~ignored], plain[~ignored])
+    banded = crf_labels(maps, classes, image, False, CRFConfig(band=True))
+    plain = crf_labels(maps, classes, image, False, CRFConfig(band=False))
+    assert 255 not in banded and set(np.unique(banded)) == {0, 1}
+    np.testing.assert_array_equal(banded, plain)

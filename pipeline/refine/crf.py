@@ -8,24 +8,21 @@ mean_norm`` (a broad "stuff" map such as grass then weighs less against a peaked
 largest score, so they stay in [0, 1]. With a background class a background score ``(1 - max_k map_k)
 ** alpha`` is added (the AffinityNet / IRN rule, on the raw maps). The scores are normalised to
 probabilities per pixel (a pixel where every score is 0 gets a uniform distribution), clipped to
-``[eps, 1]``, and the unary is ``-log p``. (A softmax of scaled scores was tried instead and scored
-lower on MSRC-21; so did sharpening with ``power > 1``: these CAMs are best used as a weak unary that
-the bilateral term, i.e. the image, corrects.)
+``[eps, 1]``, and the unary is ``-log p``. The CAMs are used as a weak unary (``power`` < 1) that the
+bilateral term, i.e. the image, corrects (a softmax of scaled scores and ``power > 1`` were tried:
+docs/experiments.md).
 
 Pairwise. A Gaussian smoothness kernel (``gauss_sxy``, ``gauss_compat``) and a bilateral appearance
 kernel (``bilateral_sxy``, ``bilateral_srgb``, ``bilateral_compat``), Potts compatibilities;
 ``iterations`` mean-field steps. The label is the argmax of the posterior.
 
-Confidence band (255 = ignore), IRN-style: two CRF runs that lean different ways; where their label
-maps agree the pixel keeps that label, where they disagree it becomes 255 (:func:`crf_band_runs` gives
-the two runs). ``band`` off: one run.
-- With a background class: one run with a foreground-confident background score (``alpha_fg``, the
-  higher alpha: weaker background, more foreground), one with a background-confident one (``alpha_bg``,
-  the lower alpha). Without the band the one run uses ``alpha``.
-- Without a background class there is no background score to vary, so the runs differ in how much
-  they trust the maps: ``power`` (the default, a weak unary that the image corrects) and ``band_power``
-  (e.g. 1, a sharper unary that stays closer to the maps); ``band_power`` 0 = no band. (255 where the
-  top posterior is low was tried and dropped: the mean-field posterior is nearly always > 0.99.)
+Confidence band (255 = ignore), IRN-style, with a background class: two CRF runs that lean different
+ways, one with a foreground-confident background score (``alpha_fg``, the higher alpha: weaker
+background, more foreground), one with a background-confident one (``alpha_bg``, the lower alpha); where
+their label maps agree the pixel keeps that label, where they disagree it becomes 255
+(:func:`crf_band_runs` gives the two runs). ``band`` off: one run with ``alpha``. Without a background
+class there is one run and no band: every pixel is one of the image's classes, and an ignored pixel
+would only be a miss (docs/experiments.md#option-decisions-issue-28).
 """
 
 from __future__ import annotations
@@ -74,10 +71,9 @@ def crf_posterior(probs: np.ndarray, image: np.ndarray | None, cfg: CRFConfig) -
 
 
 def _run(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool, alpha: float,
-         cfg: CRFConfig, power: float | None = None) -> np.ndarray:
+         cfg: CRFConfig) -> np.ndarray:
     """One CRF run -> labels in the label index space (background, if any, is CRF label 0)."""
-    power = cfg.power if power is None else power
-    q = crf_posterior(crf_probabilities(maps, background, alpha, power, cfg.mean_norm), image, cfg)
+    q = crf_posterior(crf_probabilities(maps, background, alpha, cfg.power, cfg.mean_norm), image, cfg)
     lut = np.concatenate([[0], classes + 1]) if background else classes
     return lut[q.argmax(0)].astype(np.uint8)
 
@@ -88,18 +84,15 @@ def _check(maps: np.ndarray, image: np.ndarray | None) -> None:
                         f"{maps.shape[2]}x{maps.shape[1]}; rerun make_maps with --force")
 
 
-def crf_band_runs(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool,
+def crf_band_runs(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None,
                   cfg: CRFConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The two label maps of the band: with a background class the foreground-confident (``alpha_fg``) and
-    the background-confident (``alpha_bg``) runs; without one the ``power`` and ``band_power`` runs.
-    With ``band`` on, ``crf`` gives their common label where they agree and 255 where they differ."""
+    """The two label maps of the band (with a background class): the foreground-confident (``alpha_fg``) and
+    the background-confident (``alpha_bg``) runs. With ``band`` on, ``crf`` gives their common label where
+    they agree and 255 where they differ."""
     classes = np.asarray(classes, dtype=np.int64)
     _check(maps, image)
-    if background:
-        return (_run(maps, classes, image, True, cfg.alpha_fg, cfg),
-                _run(maps, classes, image, True, cfg.alpha_bg, cfg))
-    return (_run(maps, classes, image, False, cfg.alpha, cfg),
-            _run(maps, classes, image, False, cfg.alpha, cfg, cfg.band_power or cfg.power))
+    return (_run(maps, classes, image, True, cfg.alpha_fg, cfg),
+            _run(maps, classes, image, True, cfg.alpha_bg, cfg))
 
 
 def crf_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool,
@@ -112,8 +105,8 @@ def crf_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, 
     if not background and maps.shape[0] == 1:
         return np.full(shape, classes[0], np.uint8)  # one class, nothing competes with it
     _check(maps, image)
-    if cfg.band and (background or cfg.band_power > 0):
-        first, second = crf_band_runs(maps, classes, image, background, cfg)
+    if cfg.band and background:
+        first, second = crf_band_runs(maps, classes, image, cfg)
         first[first != second] = IGNORE
         return first
     return _run(maps, classes, image, background, cfg.alpha, cfg)

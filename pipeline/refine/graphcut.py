@@ -15,11 +15,9 @@ runs and process-pool sizes. The cut *claims* the pixels it ends with as (probab
 whose map is all zero claims nothing; one whose mask leaves fewer than ``_MIN_SAMPLES`` pixels on
 either side (too few to fit a GMM) claims its initial probably-foreground region unchanged.
 
-Combining the cuts (``overlap``):
-- a pixel claimed by one or more cuts takes one of those classes: with ``smallest`` (default) the class
-  whose cut claims the fewest pixels (the more specific one, e.g. the cow rather than the grass around
-  it; ties by map value), with ``relative`` the one whose map value divided by that map's mean over the
-  image is highest, with ``map`` the highest map value;
+Combining the cuts:
+- a pixel claimed by one or more cuts takes the class whose cut claims the fewest pixels (the more
+  specific one, e.g. the cow rather than the grass around it; ties by map value);
 - a pixel claimed by no cut is background with a background class; without one, it takes the argmax of
   all the image's maps (the present classes compete, as in the threshold refiner).
 - ``ignore_uncertain`` marks 255 where no cut is confident: without a background class every pixel no
@@ -72,12 +70,9 @@ def grabcut_claim(image: np.ndarray, mask: np.ndarray, iterations: int) -> np.nd
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
-def _overlap_scores(maps: np.ndarray, claims: np.ndarray, how: str) -> np.ndarray:
-    if how == "relative":
-        return maps / np.maximum(maps.mean((1, 2), keepdims=True), 1e-6)
-    if how == "smallest":
-        return -claims.sum((1, 2), keepdims=True) + maps  # area first, map value (< 1) breaks ties
-    return maps
+def _overlap_scores(maps: np.ndarray, claims: np.ndarray) -> np.ndarray:
+    """Which claiming cut wins a pixel: the smallest cut, then the higher map value (< 1, so area comes first)."""
+    return -claims.sum((1, 2), keepdims=True) + maps
 
 
 def graphcut_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool,
@@ -99,7 +94,7 @@ def graphcut_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | N
         if (maps[k] > 0).any():
             claims[k] = grabcut_claim(image, grabcut_mask(maps, k, background, cfg), cfg.iterations)
     claimed = claims.any(0)
-    winner = np.where(claims, _overlap_scores(maps, claims, cfg.overlap), -np.inf).argmax(0)
+    winner = np.where(claims, _overlap_scores(maps, claims), -np.inf).argmax(0)
     label = (classes[winner] + int(background)).astype(np.uint8)
     if background:
         label[~claimed] = 0
