@@ -168,7 +168,6 @@ class GraphCutConfig:
     bg_quantile: float = 0.01  # sure-background seeds (GC_BGD): a class's map below this quantile of itself
     mid: float = 0.85  # with background: probably-foreground (GC_PR_FGD) only where the map >= mid
     iterations: int = 3  # GrabCut iterations (colour GMM re-estimation + min cut)
-    overlap: Literal["smallest", "relative", "map"] = "smallest"  # which claiming cut wins a pixel (module doc)
     ignore_uncertain: bool = False  # 255 where no cut is confident (see pipeline/refine/graphcut.py)
 
 
