@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WSSS := $(PY) -m stages.cli
-STAGE_NAMES := train_classifier make_maps refine affinity export train_segmenter evaluate report
 
-.PHONY: install stages $(STAGE_NAMES) test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
+.PHONY: install stages test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
 
 install: $(VENV)/.installed
 
@@ -21,8 +20,12 @@ stages: install
 	$(WSSS) all --config $(CONFIG)
 	@$(PY) -m pipeline.report $(CONFIG)
 
-$(STAGE_NAMES): install
+# Any other target names a stage (make train_classifier, make refine, ...): the CLI checks the name
+# (pipeline/stage_names.py lists them) and runs the stage. Makefile and pyproject.toml are files, not stages.
+%: install
 	$(WSSS) $@ --config $(CONFIG)
+
+Makefile pyproject.toml: ;
 
 test: install
 	$(PY) -m pytest

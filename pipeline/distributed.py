@@ -2,7 +2,7 @@
 
 Launch::
 
-    torchrun --nproc_per_node 2 -m pipeline.cli train_classifier --config configs/default.yaml
+    torchrun --nproc_per_node 2 -m stages.cli train_classifier --config configs/default.yaml
 
 ``init_distributed(device_name)`` reads torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, joins the
 process group (gloo on CPU; NCCL on CUDA, each process on ``cuda:LOCAL_RANK``) and returns a
@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
+from pipeline.stage_names import TRAINING_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,6 @@ def torchrun_env() -> tuple[int, int, int]:
 def torchrun_rank() -> int:
     """This process's rank under torchrun, 0 without it: a stage that runs on rank 0 only returns when > 0."""
     return torchrun_env()[0]
-
-
-TRAINING_STAGES = ("train_classifier", "train_segmenter")  # the stages that train data-parallel under torchrun
 
 
 def check_torchrun_command(stages: list[str]) -> None:

@@ -1,5 +1,7 @@
-"""One thin entry point per stage: parse config, call the library, write outputs. In run order."""
+"""One thin entry point per stage: parse config, call the library, write outputs. In run order
+(``pipeline.stage_names.STAGE_NAMES``, the one list of the stages' names)."""
 
+from pipeline.stage_names import STAGE_NAMES
 from stages import affinity, evaluate, export, make_maps, refine, report, train_classifier, train_segmenter
 
 STAGES = {
@@ -12,3 +14,5 @@ STAGES = {
     "evaluate": evaluate.run,
     "report": report.run,
 }
+if tuple(STAGES) != STAGE_NAMES:
+    raise ImportError(f"stages.STAGES {tuple(STAGES)} is not pipeline.stage_names.STAGE_NAMES {STAGE_NAMES}")

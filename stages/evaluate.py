@@ -30,9 +30,10 @@ from pipeline.runfolder import (
     write_text,
 )
 from pipeline.segmenter.predict import checked_scales
+from pipeline.stage_names import upstream_markers
 from stages.common import log, maps_dataset, masks_fingerprint
 
-UPSTREAM = ("train_classifier", "make_maps", "refine", "affinity", "export", "train_segmenter", "train_segmenter_gt")
+UPSTREAM = upstream_markers("evaluate")  # every stage before this one, the segmenters' sub-stages too
 
 
 def run(cfg: Config, force: bool = False) -> None:

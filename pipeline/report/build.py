@@ -28,10 +28,10 @@ from pipeline.report.html import (
     table,
 )
 from pipeline.runfolder import read_json, stage_seconds
+from pipeline.stage_names import done_markers
 
 # In pipeline order; other stages (added later) follow in the order of their done markers.
-STAGE_ORDER = ("train_classifier", "make_maps", "refine", "affinity", "export", "train_segmenter", "train_segmenter_gt",
-               "evaluate", "report")
+STAGE_ORDER = done_markers()
 # metrics.json faithfulness keys: (column, better = higher?, in %?)
 FAITHFULNESS = {"average_drop": ("Avg Drop ↓", False, True), "increase_in_confidence": ("Incr. Conf. ↑", True, True),
                 "deletion_auc": ("Deletion AUC ↓", False, False), "insertion_auc": ("Insertion AUC ↑", True, False),
