@@ -1,10 +1,13 @@
-"""Export refined label maps as a pseudo-mask dataset in PASCAL VOC layout, with a manifest.
+"""Export refined label maps as a pseudo-mask dataset in PASCAL VOC layout, with a manifest, and the policy
+of which refined label set is exported.
 
 ``pseudo_masks/`` holds JPEGImages/ (links or copies), SegmentationClass/ (palette PNGs in the source
 dataset's label index space, 255 = ignore), ImageSets/Segmentation/train.txt, classes.txt, labels.csv
-and manifest.json (per image: classes, coverage of each class, ignore ratio). With ``agree_dirs`` a pixel
-is kept only where every one of those refiners gives the same class, and is 255 elsewhere. It is a VOC-layout
-dataset the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
+and manifest.json (per image: classes, coverage of each class, ignore ratio). It is a VOC-layout dataset
+the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
+
+Which label set (``export.refiner``): one named, or with ``auto`` the first of ``AUTO_ORDER`` that ran, each
+refiner on the affinity stage's walked maps (``<refiner>_rw``) before any on the raw maps.
 """
 
 from __future__ import annotations
@@ -18,13 +21,37 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
-from pipeline.errors import DataError, UserError
-from pipeline.runfolder import atomic_dir, save_label_png, write_json, write_text
+from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.refine import SUFFIX
+from pipeline.runfolder import atomic_dir, write_json, write_text
+
+# export.refiner auto: the refiners best first (docs/experiments.md: MSRC-21 and the synthetic set). A new
+# refiner takes its place here; its walked label set (<name>_rw) ranks with the others' walked sets.
+AUTO_ORDER = ["graphcut", "crf", "threshold"]
+
+
+def auto_order() -> list[str]:
+    """The label sets ``auto`` looks for, in order: every refiner of ``AUTO_ORDER`` on the walked maps, then on
+    the raw maps (a refiner on the walked maps beats the same refiner on the raw ones)."""
+    return [r + SUFFIX for r in AUTO_ORDER] + list(AUTO_ORDER)
+
+
+def export_refiner(name: str, refined: list[str]) -> str:
+    """The label set whose masks are exported, from ``refined`` (the sets the run made: ``label_sets``):
+    ``name``, or with ``auto`` the first of ``auto_order()`` that ran, else the first that ran."""
+    if name == "auto":
+        ran = [r for r in auto_order() if r in refined] or refined
+        if not ran:
+            raise ConfigError("config key 'refine.refiners' is empty: there is nothing to export")
+        return ran[0]
+    if name not in refined:
+        raise ConfigError(f"config key 'export.refiner': {name!r} is not among the refined label sets {refined} "
+                          "(refine.refiners, and <refiner>_rw for affinity.refiners when affinity is on)")
+    return name
 
 
 def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images: str = "link",
-                        provenance: dict[str, Any] | None = None,
-                        agree_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
+                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest."""
     names = ds.label_names
     manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
@@ -35,11 +62,7 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         for s in tqdm(ds.samples, desc="export", leave=False):
             src = refined_dir / f"{s.id}.png"
             label = _refined(src)
-            if agree_dirs:
-                label = consensus(label, [_refined(d / src.name) for d in agree_dirs])
-                save_label_png(tmp / "SegmentationClass" / src.name, label)
-            else:
-                shutil.copyfile(src, tmp / "SegmentationClass" / src.name)
+            shutil.copyfile(src, tmp / "SegmentationClass" / src.name)
             _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}", images)
             counts = np.bincount(label.ravel(), minlength=256)
             n = label.size
@@ -57,14 +80,6 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         manifest["summary"] = {"images": len(ids), "mean_ignore_ratio": round(float(np.mean(ratios)), 4)}
         write_json(tmp / "manifest.json", manifest)
     return manifest
-
-
-def consensus(label: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
-    """``label`` where every one of ``others`` gives the same class, 255 (ignore) elsewhere."""
-    keep = np.ones(label.shape, bool)
-    for other in others:
-        keep &= other == label
-    return np.where(keep, label, IGNORE).astype(np.uint8)
 
 
 def _refined(path: Path) -> np.ndarray:
