@@ -122,6 +122,7 @@ class MapsConfig:
     split: str = "train"
     limit: int | None = None  # only this many images, spread evenly over the split (maps, refine, export, evaluate)
     methods: list[str] = field(default_factory=lambda: ["cam"])
+    visualizations: list[str] = field(default_factory=list)  # run once per run, not per image: class_model
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
     executor: Literal["local", "ray"] = "local"  # ray: per-image maps on a pool of Ray actors (section `ray`)

@@ -17,7 +17,6 @@ from pipeline.evaluation import (
     gt_masks,
     plot_sweep,
 )
-from pipeline.maps.generate import is_per_image
 from pipeline.metrics.faithfulness import faithfulness_of_run
 from pipeline.refine import label_sets, walked_maps
 from pipeline.runfolder import (
@@ -57,7 +56,7 @@ def run(cfg: Config, force: bool = False) -> None:
         log.warning("evaluate: %s has no ground-truth masks for split %r; only the classifier is scored",
                     cfg.data.root, cfg.maps.split)
     else:
-        methods = [m for m in cfg.maps.methods if is_per_image(m)]
+        methods = list(cfg.maps.methods)
         methods += [walked_maps(cfg)] if cfg.affinity.enabled else []  # the affinity stage's walked maps
         metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep) for m in methods}
         for m, result in metrics["maps"].items():

@@ -1,6 +1,6 @@
 """Stage 2: class maps of every configured method -> maps/<method>/<id>.npz (multi-scale + flip);
-run-once methods (class_model) -> maps/<method>.png + .json. ``maps.executor: ray``: on Ray actors.
-Under torchrun, rank 0 alone runs it."""
+then the run-once visualisations (maps.visualizations: class_model) -> maps/<name>.png + .json.
+``maps.executor: ray``: the maps on Ray actors. Under torchrun, rank 0 alone runs it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pipeline.distributed import torchrun_rank
 from pipeline.errors import UserError
 from pipeline.executors import executor_session
 from pipeline.maps import get_map_method
-from pipeline.maps.generate import generate_maps, method_outputs
+from pipeline.maps.generate import generate_maps
+from pipeline.maps.visualize import get_visualization, make_visualizations, visualization_outputs
 from pipeline.models import load_classifier
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import dataset_fingerprint, log, maps_dataset
@@ -22,6 +23,8 @@ def run(cfg: Config, force: bool = False) -> None:
         return  # one process makes the maps (maps.executor: ray spreads them over machines)
     for name in m.methods:
         get_map_method(name)
+    for name in m.visualizations:
+        get_visualization(name)
     ds = maps_dataset(cfg)
     fp = fingerprint(cfg.section_hash("data", "maps"), stage_fingerprint(run_dir, "train_classifier"),
                      dataset_fingerprint(ds))
@@ -34,11 +37,13 @@ def run(cfg: Config, force: bool = False) -> None:
     if ckpt["classes"] != ds.classes:
         raise UserError(f"{run_dir / 'classifier.pt'}: trained on other classes than {cfg.data.root} has; "
                         "rerun train_classifier with --force")
-    outputs = [p for name in m.methods for p in method_outputs(run_dir / "maps", name)]
+    outputs = [run_dir / "maps" / name for name in m.methods]
+    outputs += [p for name in m.visualizations for p in visualization_outputs(run_dir / "maps", name)]
     with executor_session(m.executor, cfg.ray, "maps.executor"):
         resuming = stage.begin(outputs=outputs, fresh=force)
-        log.info("make_maps: %s on %d %s images, scales %s%s%s", ", ".join(m.methods), len(ds), m.split,
-                 m.scales, " + flip" if m.flip else "", " (Ray actors)" if m.executor == "ray" else "")
+        log.info("make_maps: %s on %d %s images, scales %s%s%s", ", ".join(m.methods + m.visualizations), len(ds),
+                 m.split, m.scales, " + flip" if m.flip else "", " (Ray actors)" if m.executor == "ray" else "")
         n = generate_maps(net, ckpt, ds, m, run_dir / "maps", device, skip_existing=resuming, ray=cfg.ray,
                           ckpt_path=run_dir / "classifier.pt", device_name=cfg.device)
+        make_visualizations(net, ckpt, m, run_dir / "maps", skip_existing=resuming)
     stage.finish(images=len(ds), computed=n)

@@ -1,5 +1,6 @@
 """Class model visualisation (Simonyan et al. 2014): the ascent raises each class score, the L2 term bounds
-the image, the result is deterministic, and make_maps writes it once while evaluate does not score it."""
+the image, the result is deterministic, and make_maps writes it once (a run-once visualisation, not a map method)
+while evaluate does not score it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pipeline.maps import get_map_method
-from pipeline.maps.class_model import class_model_images, to_uint8
-from pipeline.maps.generate import is_per_image
+from pipeline.errors import ConfigError
+from pipeline.maps import MAP_METHODS, get_map_method
+from pipeline.maps.class_model import class_model_images, to_uint8, write_class_models
+from pipeline.maps.visualize import VISUALIZATIONS, get_visualization
 from stages.cli import main
 
 SIZE = 32
@@ -91,16 +93,33 @@ def test_to_uint8_stretches_each_image():
     assert (out[2] == 0).all()  # a flat image stays flat (no division by zero)
 
 
-def test_registered_as_a_run_once_method():
-    assert not is_per_image("class_model") and is_per_image("cam")
-    assert get_map_method("class_model").per_image is False
+def test_registered_as_a_visualisation_not_a_map_method():
+    assert get_visualization("class_model") is write_class_models and "class_model" in VISUALIZATIONS
+    assert "class_model" not in MAP_METHODS and "cam" not in VISUALIZATIONS
+    with pytest.raises(ConfigError, match=r"^config key 'maps.methods': 'class_model' is a run-once visualisation, "
+                                          r"not a map method; move it to maps.visualizations$"):
+        get_map_method("class_model")
+    with pytest.raises(ConfigError, match=r"^config key 'maps.visualizations': unknown visualisation 'cam'; "
+                                          r"expected one of class_model$"):
+        get_visualization("cam")
+
+
+def test_class_model_under_maps_methods_is_a_one_line_error(tiny_voc, tmp_path, capsys):
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"kind": "voc", "root": str(tiny_voc(background=True))},
+           "maps": {"methods": ["cam", "class_model"]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["make_maps", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: config key 'maps.methods': 'class_model' is a run-once visualisation, not a map method; "
+                   "move it to maps.visualizations")
 
 
 def test_make_maps_writes_grid_once_and_evaluate_skips_it(tiny_voc, tmp_path, caplog):
     cfg = {"run_dir": str(tmp_path / "run"), "device": "cpu",
            "data": {"kind": "voc", "root": str(tiny_voc(background=True))},
            "classifier": {"backbone": "smallcnn", "input_size": SIZE, "epochs": 2, "batch_size": 2},
-           "maps": {"methods": ["cam", "class_model"], "class_model": {"steps": 10, "size": 24}},
+           "maps": {"methods": ["cam"], "visualizations": ["class_model"], "class_model": {"steps": 10, "size": 24}},
            "refine": {"refiners": ["threshold"], "workers": "1"}, "segmenter": {"enabled": False}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -29,7 +29,8 @@ SMALL = {
     "device": "cpu",
     "data": {"kind": "synthetic", "synthetic": {"n_train": 10, "n_val": 4, "size": 48, "seed": 2}},
     "classifier": {"backbone": "smallcnn", "input_size": 48, "epochs": 1, "batch_size": 4},
-    "maps": {"methods": ["cam", "gradcam", "class_model"], "flip": False, "class_model": {"steps": 4, "size": 24}},
+    "maps": {"methods": ["cam", "gradcam"], "visualizations": ["class_model"], "flip": False,
+             "class_model": {"steps": 4, "size": 24}},
     "refine": {"workers": "1", "refiners": ["threshold", "graphcut"]},
     "evaluate": {"faithfulness": {"limit": 4, "steps": 4}},
     "report": {"samples": 3},
@@ -55,7 +56,7 @@ def small_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_metrics_have_faithfulness_of_every_per_image_method(small_run):
     run, _ = small_run
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["faithfulness"]) == {"cam", "gradcam"}  # class_model is not a per-image method
+    assert set(metrics["faithfulness"]) == {"cam", "gradcam"}  # class_model is a visualisation, not a map method
     for result in metrics["faithfulness"].values():
         assert set(result) >= FAITHFULNESS_KEYS and result["images"] == 4 and result["pairs"] >= 4
         assert 0 <= result["average_drop"] <= 100 and 0 <= result["increase_in_confidence"] <= 100

@@ -4,12 +4,8 @@ Every method is ``method(model, images: Tensor[B,3,H,W], classes: Tensor[B,C] bo
 float, >= 0, per-class maps at input resolution, zero for the classes not asked for. Batching, AMP and
 the device are the caller's concern.
 
-Run-once methods share the registry, so that configs name them alike (``maps.methods: [cam, class_model]``),
-but map no image: they carry the attribute ``per_image = False`` and are called once per run as
-``method(model, checkpoint, png, json, **options)``, writing ``maps/<name>.png`` and then
-``maps/<name>.json``. ``class_model`` (Simonyan et al. 2014's class model visualisation) is one;
-``is_per_image`` and ``method_outputs`` in ``pipeline.maps.generate`` tell the kinds apart, and
-evaluation scores the per-image methods only.
+Run-once visualisations of the classifier (``class_model``, named in ``maps.visualizations``) map no image:
+they have their own registry, ``pipeline.maps.visualize``.
 """
 
 from __future__ import annotations
@@ -22,13 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 MapMethod = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 MAP_METHODS: Registry[MapMethod] = Registry("map method", "maps.methods")
 register_map = MAP_METHODS.register
-get_map_method = MAP_METHODS.get
+
+
+def get_map_method(name: str) -> MapMethod:
+    """The map method ``name``; an unknown name is a ``ConfigError`` naming ``maps.methods``, which for a
+    run-once visualisation says where it goes instead."""
+    if name not in MAP_METHODS:
+        from pipeline.maps.visualize import VISUALIZATIONS
+
+        if name in VISUALIZATIONS:
+            raise ConfigError(f"config key 'maps.methods': {name!r} is a run-once visualisation, not a map method; "
+                              "move it to maps.visualizations")
+    return MAP_METHODS.get(name)
 
 
 def configured_method(name: str, options: object | None = None) -> MapMethod:
@@ -56,6 +64,5 @@ def upsampled_channels(acts: torch.Tensor, b: torch.Tensor, k: torch.Tensor,
 
 from pipeline.maps import acol as _acol  # noqa: E402,F401
 from pipeline.maps import cam as _cam  # noqa: E402,F401  (registers the methods)
-from pipeline.maps import class_model as _class_model  # noqa: E402,F401
 from pipeline.maps import gradients as _gradients  # noqa: E402,F401
 from pipeline.maps import scorecam as _scorecam  # noqa: E402,F401

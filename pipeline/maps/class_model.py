@@ -19,9 +19,10 @@ Departures from the paper, all options:
 Jitter and blur are on by default (maps.class_model): without them the images of a CNN are mostly
 high-frequency patterns in which the shapes are hard to see. ``jitter: 0, blur_every: 0`` is the paper's.
 
-Not a per-image map method: registered as ``class_model`` with ``per_image = False``; make_maps runs it
-once per run and writes ``maps/class_model.png`` (one tile per class) and ``maps/class_model.json``
-(per class, S_c of the mean image and of I*_c).
+Not a per-image map method but a run-once visualisation (``pipeline.maps.visualize``), registered as
+``class_model`` and named in ``maps.visualizations``; make_maps runs it once per run and writes
+``maps/class_model.png`` (one tile per class) and ``maps/class_model.json`` (per class, S_c of the mean image
+and of I*_c).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import register_map
+from pipeline.maps.visualize import register_visualization
 from pipeline.runfolder import save_figure, write_json
 
 
@@ -127,7 +128,7 @@ def save_grid(path: Path, tiles: np.ndarray, titles: list[str], columns: int = 6
     plt.close(fig)
 
 
-@register_map("class_model")
+@register_visualization("class_model")
 def write_class_models(model: nn.Module, ckpt: dict[str, Any], png: Path, scores_json: Path,
                        size: int | None = None, **options: Any) -> dict[str, dict[str, float]]:
     """:func:`class_model_images` for every class of the checkpoint ``ckpt`` -> ``png`` (a grid, one titled
@@ -141,5 +142,3 @@ def write_class_models(model: nn.Module, ckpt: dict[str, Any], png: Path, scores
     write_json(scores_json, scores)
     return scores
 
-
-write_class_models.per_image = False  # run once per run by make_maps, not per image (pipeline.maps.generate)

@@ -1,5 +1,4 @@
-"""Produce every configured map method: the per-image ones for every image of a split in one pass over
-the data, then the run-once ones (``per_image = False``, e.g. ``class_model``) once.
+"""Produce every configured map method for every image of a split, in one pass over the data.
 
 ``maps.executor: ray`` computes the per-image maps on a pool of Ray actors (``pipeline/executors.py``),
 each holding the classifier once; they send the maps back and this process writes them with the same
@@ -20,46 +19,34 @@ from tqdm import tqdm
 
 from pipeline.config import MapsConfig, RayConfig
 from pipeline.data import Sample, SegDataset, read_image
-from pipeline.maps import configured_method, get_map_method
+from pipeline.maps import configured_method
 from pipeline.maps.inference import multiscale_maps, to_tensor
 from pipeline.maps.io import save_maps
 from pipeline.models.fold import inference_copy
 
 
-def is_per_image(name: str) -> bool:
-    """Whether method ``name`` maps images (the default) rather than running once per run."""
-    return getattr(get_map_method(name), "per_image", True)
-
-
-def method_outputs(out_root: Path, name: str) -> list[Path]:
-    """What a method writes under ``out_root``: the folder of its per-image maps, or for a run-once method
-    ``<name>.png`` and ``<name>.json``, the json written last so that it marks the method done."""
-    return [out_root / name] if is_per_image(name) else [out_root / f"{name}.png", out_root / f"{name}.json"]
-
-
 @dataclass(frozen=True)
 class MapJob:
-    """One image and the per-image methods still to map on it."""
+    """One image and the methods still to map on it."""
 
     sample: Sample
     methods: tuple[str, ...]
 
 
 def map_jobs(ds: SegDataset, cfg: MapsConfig, out_root: Path, skip_existing: bool) -> list[MapJob]:
-    """The images of ``ds`` with the per-image methods whose map file is missing (all of them, unless
+    """The images of ``ds`` with the methods whose map file is missing (all of them, unless
     ``skip_existing``); images with nothing left to do are left out."""
-    methods = [m for m in cfg.methods if is_per_image(m)]
     jobs = []
     for s in ds.samples:
-        todo = tuple(m for m in methods if not (skip_existing and (out_root / m / f"{s.id}.npz").exists()))
+        todo = tuple(m for m in cfg.methods if not (skip_existing and (out_root / m / f"{s.id}.npz").exists()))
         if todo:
             jobs.append(MapJob(s, todo))
     return jobs
 
 
 def method_functions(cfg: MapsConfig) -> dict[str, Callable]:
-    """Each per-image method of ``cfg`` with its options bound."""
-    return {m: configured_method(m, getattr(cfg, m, None)) for m in cfg.methods if is_per_image(m)}
+    """Each method of ``cfg`` with its options bound."""
+    return {m: configured_method(m, getattr(cfg, m, None)) for m in cfg.methods}
 
 
 def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], job: MapJob, cfg: MapsConfig,
@@ -82,9 +69,8 @@ def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], j
 def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
                   device: torch.device, skip_existing: bool = False, ray: RayConfig | None = None,
                   ckpt_path: Path | None = None, device_name: str = "auto") -> int:
-    """Write ``out_root/<method>/<id>.npz`` for each per-image method and image, and the outputs of each
-    run-once method (called as ``method(net, ckpt, *method_outputs(...))``); returns the images processed now.
-    With ``cfg.executor == "ray"`` the per-image maps are computed by Ray actors that load ``ckpt_path`` on
+    """Write ``out_root/<method>/<id>.npz`` for each method and image; returns the images processed now.
+    With ``cfg.executor == "ray"`` the maps are computed by Ray actors that load ``ckpt_path`` on
     ``device_name`` (resolved where each actor runs), as ``ray`` says."""
     jobs = map_jobs(ds, cfg, out_root, skip_existing)
     if cfg.executor == "ray":
@@ -97,14 +83,8 @@ def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: Map
             _save(out_root, job, results, ds.classes)
             bar.update()
         bar.close()
-        done = len(jobs)
-    else:
-        done = _per_image_maps(net, ckpt, ds, cfg, out_root, device, jobs)
-    for m in cfg.methods:
-        outs = method_outputs(out_root, m)
-        if not is_per_image(m) and not (skip_existing and outs[-1].exists()):
-            configured_method(m, getattr(cfg, m, None))(net, ckpt, *outs)
-    return done
+        return len(jobs)
+    return _per_image_maps(net, ckpt, ds, cfg, out_root, device, jobs)
 
 
 def _save(out_root: Path, job: MapJob, results: list[tuple[str, np.ndarray]], class_names: list[str]) -> None:

@@ -378,15 +378,14 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def faithfulness_of_run(cfg, ds, gts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """The evaluate stage's faithfulness section: every per-image method of ``cfg.maps.methods`` on the
+    """The evaluate stage's faithfulness section: every method of ``cfg.maps.methods`` on the
     run's classifier (CUDA when present), cached in ``faithfulness.json``, curves in
     ``plots/faithfulness.png``. ``cfg``: the run's ``Config``, ``ds``: the maps' images."""
     from pipeline.device import resolve_device
-    from pipeline.maps.generate import is_per_image
     from pipeline.models import load_classifier
 
     run_dir = cfg.run_path
-    methods = [m for m in cfg.maps.methods if is_per_image(m)]
+    methods = list(cfg.maps.methods)
     if not methods:
         return {}
     if not (run_dir / "classifier.pt").exists():  # maps made elsewhere: still scored against GT, not this way

@@ -65,9 +65,7 @@ class ReportBuilder:
         self.cfg, self.ds, self.metrics = cfg, ds, metrics
         self.run = Path(cfg.run_path)
         self.opts = cfg.report
-        from pipeline.maps.generate import is_per_image
-
-        self.methods = [m for m in cfg.maps.methods if is_per_image(m)]
+        self.methods = list(cfg.maps.methods)
         self.refiners = list(label_sets(cfg))
         self.colours = fg.label_colours(ds.background)
 
@@ -317,7 +315,7 @@ class ReportBuilder:
     def class_model(self) -> str:
         png, scores = self.run / "maps" / "class_model.png", _json(self.run / "maps" / "class_model.json")
         if not png.exists():
-            return note("Not made in this run: add <code>class_model</code> to <code>maps.methods</code> "
+            return note("Not made in this run: add <code>class_model</code> to <code>maps.visualizations</code> "
                         "(Simonyan et al. 2014: an image that maximises each class's score).")
         out = figure(fg.image_uri(png, 88, max_side=1300), "class model visualisations",
                      "gradient ascent on S_c(I) − λ‖I‖² from the mean image, one tile per class")
