@@ -138,7 +138,7 @@ def _sections(cls: type, prefix: str, doc: str, depth: int, missing: list[str]) 
         desc = " ".join(comments.get(f.name, []))
         key = prefix + f.name
         if dataclasses.is_dataclass(tp):
-            sub_doc = " ".join(d for d in (docstring(tp), desc) if d)
+            sub_doc = _sentences(docstring(tp), desc)
             rows.append([_code(key), "section", "", _cell(f"see [{key}](#{_anchor(key)}) below"
                                                              + (f": {desc}" if desc else ""))])
             subs.append((tp, key + ".", sub_doc))
@@ -152,6 +152,16 @@ def _sections(cls: type, prefix: str, doc: str, depth: int, missing: list[str]) 
     for tp, sub_prefix, sub_doc in subs:  # the top level's sections at its own heading level
         lines += _sections(tp, sub_prefix, sub_doc, depth + 1 if prefix else depth, missing)
     return lines
+
+
+def _sentences(*parts: str) -> str:
+    """The non-empty parts as sentences: each capitalised and ended with a full stop."""
+    out = []
+    for p in (p.strip() for p in parts):
+        if p:
+            p = p[0].upper() + p[1:]
+            out.append(p if p.endswith((".", ")", "?", "!")) else p + ".")
+    return " ".join(out)
 
 
 def _anchor(key: str) -> str:
