@@ -241,9 +241,6 @@ class SegmenterConfig:
     pretrained: str = "packaged"  # none | imagenet | packaged | <path to a state dict>
     output_stride: int | None = None  # 8 or 16 (dilated last stages); None = the backbone's own (smallcnn 8, else 16)
     channels: int = 128  # width of the ASPP head (torchvision's is 256)
-    # classifier: the backbone's features as the classifier reads them (EfficientNet-Lite0: 1280 channels);
-    # last_stage: its last stage without the classifier's widening 1x1 conv (320 channels), as DeepLab on MobileNetV2
-    features: Literal["last_stage", "classifier"] = "last_stage"
     # the backbone's first stages (its taps, finest first) keep their pretrained weights and BatchNorm
     # statistics and get no gradient (mmseg's frozen_stages); 0 = train every layer
     frozen_stages: int = 0
@@ -257,9 +254,10 @@ class SegmenterConfig:
     backbone_lr_mult: float = 0.3
     weight_decay: float = 1e-4
     workers: int = 0
+    fast_cpu_convs: bool = True  # dilated convolutions with a written-out CPU backward (pipeline/models/convs.py)
     flip_test: bool = True  # predictions average the image and its mirror image
-    # multi-scale testing: predictions average the resized image scaled by each factor (MSRC-21 val mIoU:
-    # 0.565 with [1.0], 0.594 with [1.0, 1.25, 1.5]; GT twin 0.741 -> 0.777); each scale costs a forward
+    # multi-scale testing: predictions average the resized image scaled by each factor (each costs a forward;
+    # docs/experiments.md)
     test_scales: list[float] = field(default_factory=lambda: [1.0])
     crf: bool = False  # dense-CRF post-processing of predictions (kernels of refine.crf); scored beside raw
 

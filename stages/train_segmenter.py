@@ -82,7 +82,7 @@ def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str,
     device = ctx.device
     train_samples = samples()
     net, backbone = build_segmenter(s.backbone, s.pretrained, ds.num_labels, s.channels, s.atrous_rates,
-                                    s.output_stride, s.frozen_stages, s.features)
+                                    s.output_stride, s.frozen_stages, s.fast_cpu_convs)
     info = {"input_size": s.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
             "classes": ds.classes, "background": ds.background}
     log.info("train_%s: deeplabv3/%s on %d images with %s masks (%s%s), %d epochs", name, s.backbone,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import CRFConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.models.backbones import create_backbone
 from pipeline.models.segmenter import DeepLabV3, build_segmenter, load_segmenter, segmenter_state
 from pipeline.runfolder import save_torch, voc_palette
@@ -270,32 +270,30 @@ def test_frozen_stages_out_of_range_or_random_name_the_key(tmp_path):
         build_segmenter("smallcnn", "none", num_labels=3, channels=8, atrous_rates=[2, 4, 6], frozen_stages=1)
 
 
-def test_last_stage_features_drop_the_classifier_widening(tmp_path):
+def test_the_head_reads_the_last_stage_without_the_classifier_widening(tmp_path):
     torch.manual_seed(0)
-    net, bb = build_segmenter("tf_efficientnet_lite0", "none", num_labels=3, channels=8, atrous_rates=[6, 12, 18],
-                              features="last_stage")
+    net, bb = build_segmenter("tf_efficientnet_lite0", "none", num_labels=3, channels=8, atrous_rates=[6, 12, 18])
     assert bb.channels == 320
     assert not any(n.startswith(("backbone.net.conv_head", "backbone.net.bn2")) for n, _ in net.named_parameters())
-    full, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 8, [6, 12, 18], features="classifier")
+    full = create_backbone("tf_efficientnet_lite0", "none").body  # with its widening: the classifier's features
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():  # the body ends at the last block: what the full body feeds its 1x1 widening conv
         fed = {}
-        full.backbone.net.conv_head.register_forward_pre_hook(lambda m, i: fed.update(x=i[0]))
-        full.backbone.net.load_state_dict(net.backbone.net.state_dict(), strict=False)
+        full.net.conv_head.register_forward_pre_hook(lambda m, i: fed.update(x=i[0]))
+        full.net.load_state_dict(net.backbone.net.state_dict(), strict=False)
         full.eval()(x)
         assert torch.allclose(net.eval().backbone(x), fed["x"], atol=1e-6)
 
     path = tmp_path / "segmenter.pt"  # the checkpoint rebuilds the same network
-    save_torch(path, segmenter_state(net, backbone=bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
-                                     background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64,
-                                     masks="pseudo"))
+    state = segmenter_state(net, backbone=bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
+                            background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64, masks="pseudo")
+    save_torch(path, state)
     loaded, ckpt = load_segmenter(path)
     assert ckpt["features"] == "last_stage"
-    full_bb = create_backbone("tf_efficientnet_lite0", "none")  # with its widening: the classifier's features
-    assert segmenter_state(full, backbone=full_bb, backbone_name="tf_efficientnet_lite0", classes=["a", "b"],
-                           background=True, channels=8, atrous_rates=[6, 12, 18], input_size=64,
-                           masks="pseudo")["features"] == "classifier"
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
-    with pytest.raises(ConfigError, match="segmenter.features"):
-        build_segmenter("smallcnn", "none", 3, 8, [2, 4, 6], features="head")
+    for features in ("classifier", None):  # the removed segmenter.features: classifier, or from before the key
+        old = {k: v for k, v in state.items() if k != "features"} | ({"features": features} if features else {})
+        save_torch(tmp_path / "old.pt", old)
+        with pytest.raises(UserError, match=r"reads the classifier's features.*rerun train_segmenter with --force$"):
+            load_segmenter(tmp_path / "old.pt")
