@@ -17,7 +17,6 @@ from pipeline.evaluation import (
     gt_masks,
     plot_sweep,
 )
-from pipeline.metrics.faithfulness import faithfulness_of_run
 from pipeline.refine import label_sets, walked_maps
 from pipeline.runfolder import (
     Stage,
@@ -31,6 +30,7 @@ from pipeline.runfolder import (
 from pipeline.segmenter.predict import checked_scales
 from pipeline.stage_names import upstream_markers
 from stages.common import log, maps_dataset, masks_fingerprint
+from stages.faithfulness import faithfulness_of_run
 
 UPSTREAM = upstream_markers("evaluate")  # every stage before this one, the segmenters' sub-stages too
 

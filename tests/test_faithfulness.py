@@ -163,7 +163,7 @@ def test_summary_keys_and_means():
 
 def test_a_run_without_classifier_is_not_scored(tmp_path, caplog):
     from pipeline.config import config_from_dict
-    from pipeline.metrics.faithfulness import faithfulness_of_run
+    from stages.faithfulness import faithfulness_of_run
 
     cfg = config_from_dict({"run_dir": str(tmp_path / "run")})
     caplog.set_level("WARNING")

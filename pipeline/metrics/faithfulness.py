@@ -27,12 +27,12 @@ Cost per image: three forwards shared by its classes and methods (the image, the
 insertion bases, the curves' end points), then per (method, class) one for O and 2 (steps - 1) for the
 curves' inner points, ``batch`` images per forward (on CPU at most ``CPU_PIXELS`` pixels), built on the
 fly (bounded memory), through a BatchNorm-folded channels_last copy of the classifier (``pipeline.models.fold``).
+
+The evaluate stage's side (the cache ``faithfulness.json``, the curves' plot, the log) is ``stages/faithfulness.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import IGNORE, read_image, spread
+from pipeline.data import IGNORE, read_image
 
 Base = Literal["black", "blur"]
 # On CPU a forward takes at most this many pixels (16 images of 128 x 128, 3 of 320 x 213): larger batches are
@@ -283,132 +283,38 @@ class Accumulator:
 
 # ----------------------------------------------------------------------------------- a run's methods
 
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+# the options of ``evaluate.faithfulness`` that the Probe takes (and that change the scores)
+PROBE_OPTIONS = ("steps", "deletion_base", "insertion_base", "blur_sigma")
 
 
-def evaluate_faithfulness(model: nn.Module, ckpt: dict[str, Any], ds, gts: dict[str, np.ndarray], maps_root: Path,
-                          methods: list[str], cfg, cache_path: Path, classifier_fp: str) -> dict[str, dict[str, Any]]:
-    """Faithfulness of each method in ``methods`` (per-image map methods, ``maps_root/<method>/<id>.npz``)
-    on ``cfg.limit`` images of ``ds`` spread over it (``cfg``: ``evaluate.faithfulness``), with the
-    energy pointing game where ``gts`` has the image's GT mask.
-
-    ``cache_path`` (faithfulness.json) keeps each method's result with a fingerprint of the classifier
-    (``classifier_fp``), the options, the images, their GT masks and the maps' values: a method whose
-    fingerprint is unchanged is not recomputed.
-    """
+def score_maps(model: nn.Module, ckpt: dict[str, Any], ds, samples: list, gts: dict[str, np.ndarray],
+               maps_root: Path, methods: list[str], cfg) -> dict[str, dict[str, Any]]:
+    """The summary (:meth:`Accumulator.summary`) of each method in ``methods``, its maps read from
+    ``maps_root/<method>/<id>.npz``, on the images ``samples`` of ``ds`` through the classifier ``model``
+    (``ckpt``: its checkpoint, for the input normalisation), with the energy pointing game where ``gts`` has the
+    image's GT mask. ``cfg``: ``evaluate.faithfulness`` (:data:`PROBE_OPTIONS` and ``batch``)."""
     from tqdm import tqdm
 
     from pipeline.errors import DataError
     from pipeline.maps.io import load_maps
-    from pipeline.runfolder import fingerprint, read_json, write_json
 
-    samples = spread(list(ds.samples), cfg.limit)
-    options = {k: getattr(cfg, k) for k in ("steps", "deletion_base", "insertion_base", "blur_sigma")}
-    ids = [s.id for s in samples]
-    gt_fp = _digest(*[gts[i] for i in ids if i in gts])
-    fps = {}
-    for m in methods:
-        digests = [_digest(*load_maps(maps_root / m / f"{i}.npz", ds.classes)) for i in ids]
-        fps[m] = fingerprint(classifier_fp, options, ids, gt_fp, digests)
-    cache = read_json(cache_path) if cache_path.exists() else {}
-    cached = {m: cache[m] for m in methods if isinstance(cache.get(m), dict) and cache[m].get("fingerprint") == fps[m]}
-    todo = [m for m in methods if m not in cached]
-    if todo:
-        device = next(iter(model.parameters())).device
-        probe = Probe(model, ckpt["mean"], ckpt["std"], fast=True, batch=cfg.batch, **options)
-        acc = {m: Accumulator.empty() for m in todo}
-        for s in tqdm(samples, desc="faithfulness", leave=False):
-            image = torch.from_numpy(read_image(s.image_path)).to(device).permute(2, 0, 1).float().div_(255.0)
-            reference = probe.reference(image)
-            for m in todo:
-                path = maps_root / m / f"{s.id}.npz"
-                maps, classes = load_maps(path, ds.classes)
-                if len(classes) == 0:
-                    continue
-                if maps.shape[-2:] != tuple(image.shape[-2:]):
-                    raise DataError(f"{path}: maps of size {maps.shape[-1]}x{maps.shape[-2]}, its image is "
-                                    f"{image.shape[-1]}x{image.shape[-2]}; rerun make_maps with --force")
-                scores = probe.scores(image, torch.from_numpy(maps), classes.tolist(), reference)
-                gt = gts.get(s.id)
-                pointing = None if gt is None else energy_pointing_game(maps, gt, [ds.label_of(c) for c in classes])
-                acc[m].add(scores, pointing)
-        for m in todo:
-            cached[m] = {"fingerprint": fps[m], **acc[m].summary()}
-        write_json(cache_path, {m: cached[m] for m in methods})
-    return {m: {k: v for k, v in cached[m].items() if k != "fingerprint"} for m in methods}
-
-
-def curves_figure(results: dict[str, dict[str, Any]]):
-    """A matplotlib figure of every method's mean deletion and insertion curves, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2), sharey=True)
-    for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher"), strict=True):
-        for m, r in results.items():
-            if r.get("curves"):
-                ax.plot(r["curves"]["fraction"], r["curves"][kind], label=f"{m} ({r[kind + '_auc']:.3f})")
-        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
-        ax.set_title(f"{kind}: AUC {better} is better")
-        ax.set_xlim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("class probability")
-    return fig
-
-
-def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """``curves_figure`` written to ``path`` (atomically)."""
-    import matplotlib.pyplot as plt
-
-    from pipeline.runfolder import save_figure
-
-    fig = curves_figure(results)
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def faithfulness_of_run(cfg, ds, gts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """The evaluate stage's faithfulness section: every method of ``cfg.maps.methods`` on the
-    run's classifier (CUDA when present), cached in ``faithfulness.json``, curves in
-    ``plots/faithfulness.png``. ``cfg``: the run's ``Config``, ``ds``: the maps' images."""
-    from pipeline.device import resolve_device
-    from pipeline.models import load_classifier
-
-    run_dir = cfg.run_path
-    methods = list(cfg.maps.methods)
-    if not methods:
-        return {}
-    if not (run_dir / "classifier.pt").exists():  # maps made elsewhere: still scored against GT, not this way
-        logging.getLogger("stages").warning("evaluate: no %s; the faithfulness of the maps is not scored",
-                                            run_dir / "classifier.pt")
-        return {}
-    net, ckpt = load_classifier(run_dir / "classifier.pt", resolve_device(cfg.device))
-    classifier_fp = hashlib.sha256((run_dir / "classifier.pt").read_bytes()).hexdigest()[:16]
-    results = evaluate_faithfulness(net, ckpt, ds, gts, run_dir / "maps", methods, cfg.evaluate.faithfulness,
-                                    run_dir / "faithfulness.json", classifier_fp)
-    plot_curves(results, run_dir / "plots" / "faithfulness.png")
-    logging.getLogger("stages").info("evaluate: faithfulness (%s)\n%s", run_dir / "faithfulness.json",
-                                     format_faithfulness(results))
-    return results
-
-
-def format_faithfulness(results: dict[str, dict[str, Any]]) -> str:
-    """A small text table of the faithfulness results (what evaluate logs)."""
-    width = max([len(m) for m in results] + [6])
-    lines = [f"{'':{width}}  avg drop  incr conf  deletion  insertion  energy PG  pairs"]
-    for m, r in results.items():
-        cells = [f"{r[k]:{w}.{d}f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w, d in
-                 (("average_drop", 7, 1), ("increase_in_confidence", 8, 1), ("deletion_auc", 8, 3),
-                  ("insertion_auc", 9, 3), ("energy_pointing_game", 9, 3))]
-        lines.append(f"{m:{width}}  {cells[0]}%  {cells[1]}%  {'  '.join(cells[2:])}  {r.get('pairs', 0):5d}")
-    return "\n".join(lines)
+    device = next(iter(model.parameters())).device
+    probe = Probe(model, ckpt["mean"], ckpt["std"], fast=True, batch=cfg.batch,
+                  **{k: getattr(cfg, k) for k in PROBE_OPTIONS})
+    acc = {m: Accumulator.empty() for m in methods}
+    for s in tqdm(samples, desc="faithfulness", leave=False):
+        image = torch.from_numpy(read_image(s.image_path)).to(device).permute(2, 0, 1).float().div_(255.0)
+        reference = probe.reference(image)
+        for m in methods:
+            path = maps_root / m / f"{s.id}.npz"
+            maps, classes = load_maps(path, ds.classes)
+            if len(classes) == 0:
+                continue
+            if maps.shape[-2:] != tuple(image.shape[-2:]):
+                raise DataError(f"{path}: maps of size {maps.shape[-1]}x{maps.shape[-2]}, its image is "
+                                f"{image.shape[-1]}x{image.shape[-2]}; rerun make_maps with --force")
+            scores = probe.scores(image, torch.from_numpy(maps), classes.tolist(), reference)
+            gt = gts.get(s.id)
+            pointing = None if gt is None else energy_pointing_game(maps, gt, [ds.label_of(c) for c in classes])
+            acc[m].add(scores, pointing)
+    return {m: acc[m].summary() for m in methods}

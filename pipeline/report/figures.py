@@ -88,9 +88,9 @@ def sweep_plot(maps: dict[str, dict[str, Any]]) -> str | None:
 def faithfulness_plot(results: dict[str, dict[str, Any]]) -> str | None:
     if not any(r.get("curves") for r in results.values()):
         return None
-    from pipeline.metrics.faithfulness import curves_figure
+    from pipeline.plots import faithfulness_curves_figure
 
-    return png_uri(curves_figure(results))
+    return png_uri(faithfulness_curves_figure(results))
 
 
 # ------------------------------------------------------------------------------------------------ tiles
