@@ -125,6 +125,7 @@ class MapsConfig:
     visualizations: list[str] = field(default_factory=list)  # run once per run, not per image: class_model
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
+    fold_batchnorm: bool = True  # the methods run on a copy with BatchNorm folded in (pipeline/models/fold.py)
     executor: Literal["local", "ray"] = "local"  # ray: per-image maps on a pool of Ray actors (section `ray`)
     # options of the methods that take any (bound by name: maps.<method>)
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)

@@ -71,11 +71,12 @@ def test_make_maps_runs_the_methods_on_the_folded_copy_with_the_same_maps(tmp_pa
                 m.running_var.uniform_(0.5, 2.0)
     write_rgb(tmp_path / "a.png", np.random.default_rng(0).integers(0, 255, (40, 48, 3)))
     job = MapJob(Sample("a", tmp_path / "a.png", (1, 3)), ("cam", "gradcam"))
-    cfg = MapsConfig(methods=["cam", "gradcam"], scales=[1.0, 1.5], flip=True)
     ckpt = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-    got = dict(image_maps(net, ckpt, method_functions(cfg), job, cfg, 4, torch.device("cpu")))
     x = to_tensor(read_image(tmp_path / "a.png"), ckpt["mean"], ckpt["std"], torch.device("cpu"))
     present = torch.tensor([[False, True, False, True]])
-    for m in ("cam", "gradcam"):
-        want = multiscale_maps(get_map_method(m), net, x, present, [1.0, 1.5], True)[[1, 3]].numpy()
-        assert got[m].dtype == np.float16 and np.abs(got[m].astype(np.float32) - want).max() < 2e-3
+    for fold in (True, False):  # maps.fold_batchnorm
+        cfg = MapsConfig(methods=["cam", "gradcam"], scales=[1.0, 1.5], flip=True, fold_batchnorm=fold)
+        got = dict(image_maps(net, ckpt, method_functions(cfg), job, cfg, 4, torch.device("cpu")))
+        for m in ("cam", "gradcam"):
+            want = multiscale_maps(get_map_method(m), net, x, present, [1.0, 1.5], True)[[1, 3]].numpy()
+            assert got[m].dtype == np.float16 and np.abs(got[m].astype(np.float32) - want).max() < 2e-3

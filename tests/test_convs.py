@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import convs
-from pipeline.models.backbones import create_backbone
+from pipeline.models import build_classifier, convs
 from pipeline.models.convs import AtrousConv2d, DilatedDepthwiseConv2d, exact_faster, reading_taps
 from pipeline.models.segmenter import build_segmenter
 
@@ -116,20 +115,36 @@ def test_exact_faster_swaps_only_what_it_computes_the_same():
     assert net.state_dict().keys() == keys and all(m.weight is w for m, w in zip(net, weights, strict=True))
 
 
-def test_backbone_and_segmenter_use_them():
-    backbone = create_backbone("tf_efficientnet_lite0", "none", output_stride=16)
-    assert any(isinstance(m, DilatedDepthwiseConv2d) for m in backbone.body.modules())
-    net, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 16, [6, 12, 18])
-    assert sum(isinstance(m, AtrousConv2d) for m in net.head.modules()) == 3
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, 64)
-    net.train()
-    got = outputs_and_grads(net, x)
-    for m in net.modules():  # the same network with plain convolutions
-        if isinstance(m, (AtrousConv2d, DilatedDepthwiseConv2d)):
-            m.forward = nn.Conv2d.forward.__get__(m)
-    want = outputs_and_grads(net, x)
+def _grads_match(got: list[torch.Tensor | None], want: list[torch.Tensor | None]) -> None:
     assert (got[0] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
     # all gradients on one scale: some (a BatchNorm bias before another BatchNorm) are 0 up to rounding
     got, want = (torch.cat([g.flatten() for g in grads[1:] if g is not None]) for grads in (got, want))
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert got.numel() == want.numel() and (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def _swapped(net: nn.Module) -> int:
+    return sum(isinstance(m, (AtrousConv2d, DilatedDepthwiseConv2d)) for m in net.modules())
+
+
+def test_the_classifier_with_fast_cpu_convs_trains_as_with_pytorchs_own():
+    """classifier.fast_cpu_convs: the same network built without them (plain nn.Conv2d) gives the same scores
+    and gradients in a training step on CPU."""
+    torch.manual_seed(0)
+    fast, _ = build_classifier("cam", "tf_efficientnet_lite0", "none", 3)
+    plain, _ = build_classifier("cam", "tf_efficientnet_lite0", "none", 3, fast_cpu_convs=False)
+    assert _swapped(fast) > 0 and _swapped(plain) == 0
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    _grads_match(outputs_and_grads(fast.train(), x), outputs_and_grads(plain.train(), x))
+
+
+def test_the_segmenter_with_fast_cpu_convs_trains_as_with_pytorchs_own():
+    """segmenter.fast_cpu_convs, in the backbone and the ASPP head (rates 12 and 18 read only the centre of the
+    4 x 4 map of a 64-pixel input)."""
+    torch.manual_seed(0)
+    fast, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 16, [6, 12, 18])
+    plain, _ = build_segmenter("tf_efficientnet_lite0", "none", 3, 16, [6, 12, 18], fast_cpu_convs=False)
+    assert sum(isinstance(m, AtrousConv2d) for m in fast.head.modules()) == 3 and _swapped(plain) == 0
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    _grads_match(outputs_and_grads(fast.train(), x), outputs_and_grads(plain.train(), x))

@@ -1,4 +1,5 @@
-"""Folding BatchNorm into convolutions gives the same scores, on torchvision and timm networks."""
+"""Folding BatchNorm into convolutions (pipeline/models/fold.py) gives the unfolded model's outputs, on
+torchvision and timm networks, and ``fold=False`` (maps.fold_batchnorm) keeps the BatchNorms."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.maps import get_map_method
 from pipeline.models import build_classifier
 from pipeline.models.fold import fold_batchnorm, inference_copy
 
@@ -72,3 +74,24 @@ def test_inference_copy_is_reused_until_the_model_changes():
         torch.testing.assert_close(third(x), model(x), atol=1e-5, rtol=1e-4)
     model.train()  # a copy for training-mode forwards keeps its BatchNorms
     assert inference_copy(model, x) is not third and _count_bn(inference_copy(model, x)) > 0
+
+
+def test_fold_off_keeps_the_batchnorms_and_a_copy_is_its_own_inference_copy():
+    """maps.fold_batchnorm false: the unfolded channels_last copy; both copies give the model's class maps and
+    scores (folded against unfolded), and a map method that asks for the copy's copy (Score-CAM) gets it back,
+    so the choice holds inside it too."""
+    torch.manual_seed(0)
+    model, _ = build_classifier("cam", "tf_efficientnet_lite0", "none", 3)
+    model = _randomise_bn(model).requires_grad_(False)
+    x = torch.randn(1, 3, 64, 64)
+    folded, unfolded = inference_copy(model, x), inference_copy(model, x, fold=False)
+    assert _count_bn(folded) == 0 and _count_bn(unfolded) == _count_bn(model) > 0
+    assert inference_copy(model, x, fold=False) is unfolded  # the last copy is kept while the model is unchanged
+    assert inference_copy(unfolded, x) is unfolded and inference_copy(folded, x, fold=False) is folded
+    classes = torch.tensor([[True, False, True]])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), unfolded(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unfolded(x), model(x), rtol=1e-5, atol=1e-5)
+        cams = [get_map_method("cam")(m, x, classes) for m in (model, folded, unfolded)]
+    torch.testing.assert_close(cams[1], cams[0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(cams[2], cams[0], rtol=1e-4, atol=1e-5)

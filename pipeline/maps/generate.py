@@ -60,7 +60,7 @@ def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], j
     x = to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], device)
     present = torch.zeros((1, num_classes), dtype=torch.bool, device=device)
     present[0, list(s.labels)] = True
-    model = inference_copy(net, x)
+    model = inference_copy(net, x, fold=cfg.fold_batchnorm)
     for m in job.methods:
         maps = multiscale_maps(fns[m], model, x, present, cfg.scales, cfg.flip)[list(s.labels)]
         yield m, maps.cpu().numpy().astype(np.float16)

@@ -1,21 +1,24 @@
 """Convolutions that compute exactly what ``nn.Conv2d`` does, with less work where PyTorch does more than needed.
 
+What they replace: the dilated ``nn.Conv2d`` layers of a model (``exact_faster`` swaps them in place, keeping the
+parameters, so state dicts and checkpoints are unchanged). When they are used: in the backbones of the
+classifier and the segmenter (``create_backbone``) and in the segmenter's ASPP head; their written-out backward
+runs where gradients are needed on CPU in fp32 (training on CPU). On CUDA, under autocast or without gradients
+they compute as ``nn.Conv2d`` does (``AtrousConv2d`` without the taps that read only padding). The keys
+``classifier.fast_cpu_convs`` and ``segmenter.fast_cpu_convs`` (false: plain ``nn.Conv2d``) turn them off.
+Why: PyTorch's CPU backward of a dilated convolution is several times slower than its forward (oneDNN's dilated
+weight gradient, and the dilated depthwise convolutions of an EfficientNet at output stride 16), so training
+steps on CPU take less time with these (docs/experiments.md). ``tests/test_convs.py`` compares their outputs
+and gradients with ``nn.Conv2d``'s.
+
 - ``AtrousConv2d``: a stride-1 convolution with zero padding leaves out the taps that read only padding for
   the input at hand. An ASPP branch whose rate is not smaller than the feature map (rates 12 and 18 on the
   8 x 8 map of a 128-pixel input) is then the 1 x 1 convolution with its kernel's centre. Where a dilated
   kernel remains (rate 6 on 8 x 8), its weight gradient on CPU is written out: one matrix product per tap
-  over the output window where the tap reads the input (oneDNN's dilated weight gradient: 28.6 against
-  5.5 ms for 1280 -> 128 channels, batch 8); oneDNN's forward and input gradient are kept.
-- ``DilatedDepthwiseConv2d``: the backward pass of a dilated depthwise convolution on CPU, where PyTorch's
-  takes several times its forward and the same pass undilated (1152 channels, 5 x 5, dilation 2, batch 8 at
-  8 x 8: 38 ms against 7.6 ms here). The input gradient is the same depthwise convolution with the kernel
-  flipped (a forward, fast), the weight gradient one product-sum per tap over its window. These are the last
-  stages of a backbone at output stride 16 (timm's EfficientNets), which the classifier and the segmenter
-  train: a training step of either took 1.16-1.32x less time (with ``AtrousConv2d`` in the segmenter's head),
-  and the written-out dense weight gradient with the fused AdamW of ``pipeline.train`` 1.08-1.29x less again.
-
-Both keep ``nn.Conv2d``'s parameters, so state dicts and checkpoints are unchanged; ``exact_faster`` swaps
-them into a model in place of the convolutions they apply to.
+  over the output window where the tap reads the input; oneDNN's forward and input gradient are kept.
+- ``DilatedDepthwiseConv2d``: the backward pass of a dilated depthwise convolution on CPU. The input gradient
+  is the same depthwise convolution with the kernel flipped (a forward, fast), the weight gradient one
+  product-sum per tap over its window.
 """
 
 from __future__ import annotations
@@ -136,8 +139,7 @@ class AtrousConv2d(nn.Conv2d):
     """``nn.Conv2d`` (dilated, groups 1) without its taps that read only padding for the input at hand: the
     same output and gradients (those taps multiply zeros), fewer multiply-adds. Where the taps that remain are
     not centred (the padding would not be symmetric), it runs in full. Where a dilated kernel remains, its
-    backward on CPU is ``_StrideOneConv``'s (oneDNN's weight gradient of a dilated convolution took 28.6 ms
-    against 5.5 ms here: 1280 -> 128 channels, 3 x 3, rate 6, batch 8 at 8 x 8)."""
+    backward on CPU is ``_StrideOneConv``'s (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _plain(self):
@@ -156,8 +158,8 @@ class AtrousConv2d(nn.Conv2d):
 
 
 class DilatedDepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (depthwise, stride 1, dilated) whose backward on CPU is ``_StrideOneConv``'s (PyTorch's
-    took 38 ms against 7.6 ms: 1152 channels, 5 x 5, dilation 2, batch 8 at 8 x 8)."""
+    """``nn.Conv2d`` (depthwise, stride 1, dilated) whose backward on CPU is ``_StrideOneConv``'s (module
+    docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _written_backward(self, x):

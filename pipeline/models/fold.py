@@ -1,9 +1,16 @@
 """Inference copies of a classifier: BatchNorm folded into the convolution before it, channels_last.
 
+What it replaces: the model's own forward, in which every BatchNorm after a convolution is a second pass over
+its feature map. When it is used: the map methods run on the classifier's inference copy
+(``pipeline/maps/generate.py``; Score-CAM and SS-CAM, which run many forwards per image, make one when called
+on the model itself), as do the faithfulness probe and the segmenter's predictions. ``maps.fold_batchnorm:
+false`` (``inference_copy(..., fold=False)``) keeps the BatchNorms in make_maps' copy: the same copy, unfolded.
+Why: the forwards are faster on CPU (docs/experiments.md); ``tests/test_fold.py`` compares folded and unfolded
+outputs.
+
 In eval mode a BatchNorm is an affine map per channel, y = (x - mean) * s + beta with
 s = gamma / sqrt(var + eps). When it directly follows a convolution (w, b), the two are one convolution:
-w' = w * s (per output channel), b' = (b - mean) * s + beta. Folding saves one pass over every feature
-map, about 1.2x per forward on CPU, for the map methods that run many forwards (Score-CAM, SS-CAM).
+w' = w * s (per output channel), b' = (b - mean) * s + beta.
 
 Which BatchNorm follows which convolution is read from the module tree (a convolution and the
 BatchNorm registered right after it in the same parent, as torchvision's ResNets and timm's
@@ -14,6 +21,7 @@ So the copy is checked: it must give the model's scores on a probe input, or the
 A map method calls for the copy once per batch of images; the last one made is kept per model (weakly) and
 handed out again while the model's parameters and buffers are the same tensors at the same versions (an
 in-place update, ``load_state_dict`` included, bumps a version), on the same device and dtypes, in eval mode.
+A copy asked for its own inference copy is handed back as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from torch import nn
 
 _COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+_MADE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the copies handed out
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -65,28 +74,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def _state_key(model: nn.Module, rtol: float) -> tuple:
+def _state_key(model: nn.Module, rtol: float, fold: bool) -> tuple:
     """What the copy depends on: every parameter and buffer (identity, storage, version, device, dtype)."""
     tensors = [*model.parameters(), *model.buffers()]
-    return (model.training, rtol, *((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
+    return (model.training, rtol, fold, *((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
 
 
 @torch.no_grad()
-def inference_copy(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> nn.Module:
-    """A frozen channels_last copy of ``model`` for forward-only use, BatchNorm folded when that gives the
-    model's scores on ``probe`` (a [1,3,H,W] input) within ``rtol`` of their scale. ``model`` is left as is;
-    the copy is shared by the calls made while the model stays the same (module docstring)."""
-    key = _state_key(model, rtol)
+def inference_copy(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4, fold: bool = True) -> nn.Module:
+    """A frozen channels_last copy of ``model`` for forward-only use, BatchNorm folded (with ``fold``) when that
+    gives the model's scores on ``probe`` (a [1,3,H,W] input) within ``rtol`` of their scale. ``model`` is left
+    as is; the copy is shared by the calls made while the model stays the same (module docstring)."""
+    if model in _MADE:
+        return model
+    key = _state_key(model, rtol, fold)
     cached = _COPIES.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    made = _make_copy(model, probe, rtol)
+    made = _make_copy(model, probe, rtol, fold)
     _COPIES[model] = (key, made)
+    _MADE.add(made)
     return made
 
 
-def _make_copy(model: nn.Module, probe: torch.Tensor, rtol: float) -> nn.Module:
-    if not model.training:  # (in training mode BatchNorm uses the batch's statistics: nothing to fold)
+def _make_copy(model: nn.Module, probe: torch.Tensor, rtol: float, fold: bool) -> nn.Module:
+    if fold and not model.training:  # (in training mode BatchNorm uses the batch's statistics: nothing to fold)
         probe = probe.float().contiguous(memory_format=torch.channels_last)
         with torch.autocast(probe.device.type, enabled=False):
             expected = model(probe).float()
