@@ -215,12 +215,8 @@ class AffinityConfig:
     maps; see pipeline/refine/affinity.py. Runs between refine and export (stage ``affinity``)."""
 
     enabled: bool = False
-    # embedding: AffinityNet's a_ij = exp(-mean |e_i - e_j|); boundary: IRN's (Ahn et al. 2019) class boundary map
-    # B, a_ij = 1 - max B on the segment from i to j
-    kind: Literal["embedding", "boundary"] = "embedding"
     labels_from: list[str] = field(default_factory=lambda: ["crf", "graphcut"])  # pixels where these agree
     cell_agreement: float = 0.9  # a cell is labelled where this share of its pixels has one label
-    stride: int = 8  # the grid of cells, in pixels: 8 or 4 (4x the cells; the backbone's stride-4 stage joins the taps)
     radius: int = 5  # pairs (and walk steps) within this many cells
     dim: int = 256  # embedding channels
     epochs: int = 3

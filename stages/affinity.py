@@ -26,8 +26,6 @@ def run(cfg: Config, force: bool = False) -> None:
                               f"{cfg.refine.refiners}")
     for name in a.refiners:
         get_refiner(name, "affinity.refiners")
-    if a.stride < 1:
-        raise ConfigError(f"config key 'affinity.stride': expected a positive number of pixels, got {a.stride}")
     fp = fingerprint(cfg.section_hash("affinity"), stage_fingerprint(run_dir, "refine"))
     stage = Stage(run_dir, "affinity", fp)
     if stage.is_done() and not force:

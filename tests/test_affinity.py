@@ -19,9 +19,7 @@ from pipeline.refine.affinity import (
     _Item,
     cell_labels,
     half_offsets,
-    pair_affinities,
     pair_loss,
-    path_offsets,
     random_walk,
     taps,
     train_head,
@@ -49,9 +47,8 @@ def test_half_offsets_cover_the_disk_once():
     assert full == disk and len(half) * 2 == len(disk)
 
 
-@pytest.mark.parametrize("output_stride, strides", [(16, (8, 16, 16, 16)), (8, (8, 8, 8, 8))])
-def test_taps_are_the_stage_outputs_from_stride_8_and_the_features(output_stride, strides):
-    net = CAMNet(create_backbone("tf_efficientnet_lite0", output_stride=output_stride), 3).eval()
+def test_taps_are_the_stage_outputs_from_stride_8_and_the_features():
+    net = CAMNet(create_backbone("tf_efficientnet_lite0"), 3).eval()
     x = torch.randn(1, 3, 96, 72)
     body = net.backbone.net
     with torch.no_grad():
@@ -60,18 +57,10 @@ def test_taps_are_the_stage_outputs_from_stride_8_and_the_features(output_stride
         for block in body.blocks:
             blocks.append(block(blocks[-1]))
     assert [f.shape[1] for f in feats] == [40, 112, 320, 1280]  # blocks 2, 4, 6 and the head (stride 4: left out)
-    assert [96 // f.shape[-2] for f in feats] == list(strides)
+    assert [96 // f.shape[-2] for f in feats] == [8, 16, 16, 16]
     for got, block in zip(feats, (3, 5, 7), strict=False):
         torch.testing.assert_close(got, blocks[block])
     torch.testing.assert_close(feats[-1], net.features(x))
-
-
-def test_taps_at_stride_4_add_the_stride_4_stage():
-    net = CAMNet(create_backbone("tf_efficientnet_lite0"), 3).eval()
-    with torch.no_grad():
-        feats = taps(net, torch.randn(1, 3, 96, 72), stride=4)
-    assert [f.shape[1] for f in feats] == [24, 40, 112, 320, 1280]
-    assert feats[0].shape[-2:] == (24, 18)
 
 
 def test_taps_of_smallcnn_and_of_a_net_without_stages():
@@ -175,65 +164,3 @@ def test_head_upsamples_every_level_to_the_finest_grid(levels):
     assert out.shape == (2, 32, 12, 9)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in head.modules())
     assert math.isfinite(out.sum().item())
-
-
-def _dense_boundary_affinity(logits: torch.Tensor, radius: int) -> torch.Tensor:
-    """IRN: a_ij = 1 - max B over the cells that the segment from i to j passes through (sampled finely,
-    each point rounded to its cell), for cells closer than the radius (a_ii = 1), else 0: [n, n]."""
-    _, h, w = logits.shape
-    bnd = torch.sigmoid(logits[0])
-    cells = _cells(h, w)
-    a = torch.zeros(h * w, h * w, dtype=logits.dtype)
-    for i, (y0, x0) in enumerate(cells):
-        for j, (y1, x1) in enumerate(cells):
-            if (y1 - y0) ** 2 + (x1 - x0) ** 2 >= radius * radius:
-                continue
-            n = max(abs(y1 - y0), abs(x1 - x0))
-            on = {(math.floor(y0 + (y1 - y0) * t / n + 0.5), math.floor(x0 + (x1 - x0) * t / n + 0.5))
-                  for t in range(n + 1)} if n else {(y0, x0)}
-            a[i, j] = 1 - max(bnd[p] for p in on) if n else 1.0
-    return a
-
-
-def test_path_offsets_run_from_one_cell_to_the_other():
-    assert path_offsets(0, 3) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert path_offsets(2, -2) == [(0, 0), (1, -1), (2, -2)]
-    assert path_offsets(1, 3) == [(0, 0), (0, 1), (1, 2), (1, 3)]  # rounded, both ends included
-
-
-def test_boundary_affinities_and_their_walk_are_the_definition():
-    torch.manual_seed(2)
-    h, w, radius, beta, steps = 5, 6, 3, 4.0, 5
-    logits = torch.randn(1, h, w, dtype=torch.float64) * 2
-    a = _dense_boundary_affinity(logits, radius)
-    got = torch.zeros_like(a)
-    index = torch.arange(h * w).view(h, w)
-    for (dy, dx), pair in zip(half_offsets(radius), pair_affinities(logits, radius, "boundary"), strict=True):
-        for y, x in _cells(h, w):
-            if 0 <= y + dy < h and 0 <= x + dx < w:
-                got[index[y, x], index[y + dy, x + dx]] = pair[y, x - max(0, -dx)]
-    upper = torch.triu(torch.ones_like(a, dtype=torch.bool), 1) & (a > 0)
-    torch.testing.assert_close(got[upper], a[upper])
-    maps = torch.rand(2, h, w, dtype=torch.float64)
-    torch.testing.assert_close(random_walk(maps, logits, radius, beta, steps, "boundary"),
-                               _dense_walk(a, maps, beta, steps))
-
-
-def test_boundary_training_puts_the_boundary_between_the_regions_and_the_walk_stops_there():
-    h, w = 8, 10
-    labels, feats = _two_regions(h, w, 5)
-    feats[0][:2, :, 4:6] += 3  # the features mark the two columns of the edge; the head must learn to
-    item = _Item("x", feats, labels)
-    cfg = AffinityConfig(enabled=True, kind="boundary", epochs=60, accumulate=1, radius=3, lr=3e-2)
-    head, losses = train_head([item], cfg, torch.device("cpu"), seed=0)
-    assert losses[-1] < 0.5 * losses[0]  # not 0: a cell of the edge lies on same-label and other-label paths
-    with torch.no_grad():
-        out = head([f[None] for f in feats])[0]
-    assert out.shape == (1, h, w)
-    bnd = torch.sigmoid(out[0])
-    assert bnd[:, 4:6].amax(1).min() > 0.5 > max(bnd[:, :4].max(), bnd[:, 6:].max())  # on the edge, only there
-    seed = torch.zeros(1, h, w)
-    seed[0, 3:5, 0:2] = 1.0
-    walked = random_walk(seed, out, 3, 16.0, 64, "boundary")[0]
-    assert walked[:, :4].min() > 0.3 * walked[:, :4].max()  # spread over the left region
-    assert walked[:, 6:].max() < 1e-3 * walked[:, :4].min()  # and not across the boundary

@@ -7,14 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from pipeline.config import load_config
 from pipeline.data.voc import read_voc
-from pipeline.evaluation import evaluate_maps, gt_masks
 from stages.cli import main
-from stages.common import maps_dataset
 
 TINY = {
     "data": {"kind": "synthetic", "synthetic": {"n_train": 160, "n_val": 40, "size": 112, "seed": 3}},
@@ -114,18 +110,3 @@ def test_affinity_walk_sharpens_the_pseudo_masks(tiny_run, tmp_path, caplog):
     assert main(["affinity", "--config", str(path), *sets]) == 0
     assert any("affinity: up to date, skipped" in r.getMessage() for r in caplog.records)
 
-
-def test_affinity_boundary_kind_on_the_stride_4_grid_runs_through_the_stage(tiny_run, tmp_path):
-    """IRN's boundary affinities through the stage: the walked maps beat the CAMs, as the embedding's do."""
-    run, path = tiny_run
-    shutil.copytree(run, tmp_path / "run")
-    sets = ["--set", f"run_dir={tmp_path / 'run'}", "affinity.enabled=true", "affinity.kind=boundary",
-            "affinity.stride=4", "affinity.beta=8", "affinity.steps=32", "affinity.refiners=[]"]
-    assert main(["affinity", "--config", str(path), *sets]) == 0
-    cfg = load_config(path)
-    ds = maps_dataset(cfg)
-    gts = gt_masks(ds)
-    cam, walked = (evaluate_maps(ds, gts, tmp_path / "run" / "maps" / m, cfg.evaluate.sweep)["miou"]
-                   for m in ("cam", "cam_rw"))
-    assert walked > cam + 0.02, (cam, walked)
-    assert torch.load(tmp_path / "run" / "affinity.pt")["state_dict"]["out.weight"].shape[0] == 1  # B: 1 channel

@@ -1,23 +1,17 @@
 """AffinityNet: Ahn & Kwak 2018, "Learning Pixel-level Semantic Affinity with Image-level Supervision for
-Weakly Supervised Semantic Segmentation" (CVPR), and the class boundary map of IRN: Ahn, Cho & Kwak 2019,
-"Weakly Supervised Learning of Instance Segmentation with Inter-pixel Relations" (CVPR).
+Weakly Supervised Semantic Segmentation" (CVPR).
 
 The refined labels teach a small head on the frozen classifier which nearby positions belong together; a
 random walk along those affinities then spreads each class map over its object and stops at its edges.
 
 1. Labels (``cell_labels``): the pixels where the refiners of ``affinity.labels_from`` agree, pooled to the
-   grid of cells of ``affinity.stride`` pixels (8 or 4). A cell takes label l where at least
-   ``cell_agreement`` of its pixels have l; the other cells are ignored.
-2. Head (``AffinityHead``): the classifier's stage features from the grid's stride on and its final features
-   (``taps``; for EfficientNet-Lite0 at stride 8 blocks 2, 4, 6 and the head, as AffinityNet taps three
-   stages of its ResNet; at stride 4 block 1 too), each through a 1x1 convolution, upsampled to the grid,
-   ReLU, concatenated, then a 1x1 convolution to the head's output per cell.
-3. Affinities (``pair_affinities``) of the cells within ``radius`` of each other, by ``affinity.kind``:
-   - ``embedding`` (AffinityNet): the head outputs ``dim`` channels e_i, and a_ij = exp(-mean_k |e_ik - e_jk|);
-   - ``boundary`` (IRN): the head outputs one channel, the boundary map B = sigmoid(.), and
-     a_ij = 1 - max B over the cells on the segment from i to j (``path_offsets``). Two cells are apart when
-     any boundary lies between them, so a boundary learnt on one pair of labelled cells separates every pair
-     across it (on MSRC-21, on the stride-4 grid, it lifts the walked maps but not the masks refined from them).
+   grid of cells of ``GRID_STRIDE`` (8) pixels. A cell takes label l where at least ``cell_agreement`` of its
+   pixels have l; the other cells are ignored.
+2. Head (``AffinityHead``): the classifier's stage features from stride 8 on and its final features
+   (``taps``; for EfficientNet-Lite0 blocks 2, 4, 6 and the head, as AffinityNet taps three stages of its
+   ResNet), each through a 1x1 convolution, upsampled to the grid, ReLU, concatenated, then a 1x1
+   convolution to ``dim`` channels e_i per cell.
+3. Affinities (``pair_affinities``) of the cells within ``radius`` of each other: a_ij = exp(-mean_k |e_ik - e_jk|).
    The loss (``pair_loss``) is -log a_ij averaged over the labelled pairs of equal label, plus -log(1 - a_ij)
    averaged over those of different labels. (Both papers split the equal pairs into foreground and background
    pairs and average three terms; a dataset without a background class has only the two.)
@@ -35,7 +29,6 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -49,18 +42,18 @@ from pipeline.data.dataset import read_mask
 from pipeline.device import autocast
 from pipeline.maps.inference import normalise_max, to_tensor
 from pipeline.maps.io import load_maps, save_maps
+from pipeline.models import Classifier
 
 log = logging.getLogger(__name__)
 
-GRID_STRIDE = 8
+GRID_STRIDE = 8  # the cells of the labels, the head and the walk, in pixels
 IGNORE = 255
-Kind = Literal["embedding", "boundary"]
 
 
-def taps(net: nn.Module, x: torch.Tensor, stride: int = GRID_STRIDE) -> list[torch.Tensor]:
+def taps(net: Classifier, x: torch.Tensor) -> list[torch.Tensor]:
     """The classifier's features of ``x`` [B,3,H,W], finest first: the outputs of its backbone's stages
-    (``net.taps``, from ``Backbone.taps``) at ``stride`` or coarser, then ``net.features(x)``."""
-    names = tuple(getattr(net, "taps", ()))
+    (``net.taps``, from ``Backbone.taps``) at ``GRID_STRIDE`` or coarser, then ``net.features(x)``."""
+    names = net.taps
     modules = dict(net.named_modules())
     seen: dict[str, torch.Tensor] = {}
     hooks = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
@@ -70,7 +63,7 @@ def taps(net: nn.Module, x: torch.Tensor, stride: int = GRID_STRIDE) -> list[tor
     finally:
         for h in hooks:
             h.remove()
-    gh, gw = (math.ceil(s / stride) for s in x.shape[-2:])
+    gh, gw = (math.ceil(s / GRID_STRIDE) for s in x.shape[-2:])
     return [f for f in (seen[name] for name in names) if f.shape[-2] <= gh and f.shape[-1] <= gw] + [final]
 
 
@@ -103,38 +96,23 @@ def _pairs(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple
     return (slice(0, h - dy), slice(xs, xe)), (slice(dy, h), slice(xs + dx, xe + dx))
 
 
-def path_offsets(dy: int, dx: int) -> list[tuple[int, int]]:
-    """The grid offsets on the segment from (0, 0) to (dy, dx), both ends included (IRN's path Pi_ij)."""
-    n = max(abs(dy), abs(dx))
-    return sorted({(math.floor(dy * t / n + 0.5), math.floor(dx * t / n + 0.5)) for t in range(n + 1)})
-
-
-def pair_affinities(out: torch.Tensor, radius: int, kind: Kind = "embedding") -> list[torch.Tensor]:
-    """The head's output [D,h,w] -> per offset of ``half_offsets(radius)``, the affinities a_ij over its window.
-
-    ``embedding`` (AffinityNet): a_ij = exp(-mean_k |e_ik - e_jk|). ``boundary`` (IRN; ``out`` [1,h,w] the
-    boundary logits): a_ij = 1 - max of B = sigmoid(out) over the cells on the segment from i to j."""
-    h, w = out.shape[-2:]
-    if kind == "boundary":
-        bnd = torch.sigmoid(out[0].float())
+def pair_affinities(emb: torch.Tensor, radius: int) -> list[torch.Tensor]:
+    """The embeddings [D,h,w] -> per offset of ``half_offsets(radius)``, a_ij = exp(-mean_k |e_ik - e_jk|)
+    over its window."""
+    h, w = emb.shape[-2:]
     result = []
     for dy, dx in half_offsets(radius):
         (ay, ax), (by, bx) = _pairs(h, w, dy, dx)
-        if kind == "embedding":
-            result.append(torch.exp(-(out[:, ay, ax] - out[:, by, bx]).abs().mean(0)))
-            continue
-        on_path = [bnd[ay.start + ky: ay.stop + ky, ax.start + kx: ax.stop + kx] for ky, kx in path_offsets(dy, dx)]
-        result.append(1 - torch.stack(on_path).amax(0))
+        result.append(torch.exp(-(emb[:, ay, ax] - emb[:, by, bx]).abs().mean(0)))
     return result
 
 
-def pair_loss(emb: torch.Tensor, labels: torch.Tensor, radius: int, eps: float = 1e-5,
-              kind: Kind = "embedding") -> torch.Tensor:
+def pair_loss(emb: torch.Tensor, labels: torch.Tensor, radius: int, eps: float = 1e-5) -> torch.Tensor:
     """-log a over the labelled pairs of equal label, averaged, plus -log(1 - a) over those of different labels,
     averaged (a term without pairs is 0). emb [D,h,w], labels [h,w] int (``IGNORE`` = unlabelled)."""
     h, w = labels.shape
     same, diff = [], []
-    for (dy, dx), a in zip(half_offsets(radius), pair_affinities(emb, radius, kind), strict=True):
+    for (dy, dx), a in zip(half_offsets(radius), pair_affinities(emb, radius), strict=True):
         (ay, ax), (by, bx) = _pairs(h, w, dy, dx)
         la, lb = labels[ay, ax], labels[by, bx]
         known = (la != IGNORE) & (lb != IGNORE)
@@ -149,13 +127,12 @@ def pair_loss(emb: torch.Tensor, labels: torch.Tensor, radius: int, eps: float =
     return loss
 
 
-def transition(emb: torch.Tensor, radius: int, beta: float,
-               kind: Kind = "embedding") -> tuple[torch.Tensor, torch.Tensor]:
+def transition(emb: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """W = a^beta within the radius, a_ii = 1, as a sparse [n,n] tensor (n = h*w cells), and its row sums D."""
     h, w = emb.shape[-2:]
     index = torch.arange(h * w, device=emb.device).view(h, w)
     rows, cols, vals = [index.flatten()], [index.flatten()], [emb.new_ones(h * w)]
-    for (dy, dx), a in zip(half_offsets(radius), pair_affinities(emb, radius, kind), strict=True):
+    for (dy, dx), a in zip(half_offsets(radius), pair_affinities(emb, radius), strict=True):
         (ay, ax), (by, bx) = _pairs(h, w, dy, dx)
         i, j, v = index[ay, ax].flatten(), index[by, bx].flatten(), a.flatten() ** beta
         rows += [i, j]
@@ -166,14 +143,13 @@ def transition(emb: torch.Tensor, radius: int, beta: float,
     return weights, torch.sparse.sum(weights, 1).to_dense()
 
 
-def random_walk(maps: torch.Tensor, emb: torch.Tensor, radius: int, beta: float, steps: int,
-                kind: Kind = "embedding") -> torch.Tensor:
+def random_walk(maps: torch.Tensor, emb: torch.Tensor, radius: int, beta: float, steps: int) -> torch.Tensor:
     """maps [K,h,w] on the grid of emb [D,h,w] -> maps after ``steps`` steps m <- D^-1 W m."""
     k, h, w = maps.shape
-    weights, degree = transition(emb, radius, beta, kind)
+    weights, degree = transition(emb, radius, beta)
     with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        weights = weights.to_sparse_csr()  # its products: 0.5 ms a step against 12.6 ms (COO), 4320 cells
+        weights = weights.to_sparse_csr()  # its products are much faster than COO's
     m = maps.reshape(k, h * w).t()
     for _ in range(steps):
         m = (weights @ m) / degree[:, None]
@@ -198,15 +174,14 @@ class _Item:
     labels: torch.Tensor  # [h,w] of the finest level
 
 
-def collect(net: nn.Module, ckpt: dict, ds: SegDataset, label_dirs: list[Path], cfg: AffinityConfig,
+def collect(net: Classifier, ckpt: dict, ds: SegDataset, label_dirs: list[Path], cfg: AffinityConfig,
             device: torch.device) -> list[_Item]:
     """The classifier's features and the cell labels of every image of ``ds``."""
     items = []
     with torch.no_grad(), autocast(device):
         for s in tqdm(ds.samples, desc="affinity features", leave=False):
             image = read_image(s.image_path)
-            feats = [f[0].half().cpu() for f in taps(net, to_tensor(image, ckpt["mean"], ckpt["std"], device),
-                                                      cfg.stride)]
+            feats = [f[0].half().cpu() for f in taps(net, to_tensor(image, ckpt["mean"], ckpt["std"], device))]
             labels = [read_mask(d / f"{s.id}.png", image.shape[:2]) for d in label_dirs]
             items.append(_Item(s.id, feats, cell_labels(labels, ds.num_labels, tuple(feats[0].shape[-2:]),
                                                         cfg.cell_agreement)))
@@ -218,8 +193,7 @@ def train_head(items: list[_Item], cfg: AffinityConfig, device: torch.device,
     """Train the head on the items' pairs (AdamW, ``accumulate`` images a step); returns it and each epoch's loss."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    dim = 1 if cfg.kind == "boundary" else cfg.dim
-    head = AffinityHead([f.shape[0] for f in items[0].feats], dim).to(device)
+    head = AffinityHead([f.shape[0] for f in items[0].feats], cfg.dim).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     for epoch in tqdm(range(cfg.epochs), desc="affinity epochs", leave=False):
@@ -228,7 +202,7 @@ def train_head(items: list[_Item], cfg: AffinityConfig, device: torch.device,
         for n, i in enumerate(order):
             item = items[i]
             emb = head([f[None].to(device) for f in item.feats])[0]
-            loss = pair_loss(emb, item.labels.to(device), cfg.radius, kind=cfg.kind)
+            loss = pair_loss(emb, item.labels.to(device), cfg.radius)
             (loss / cfg.accumulate).backward()
             total += loss.item()
             if (n + 1) % cfg.accumulate == 0 or n + 1 == len(order):
@@ -250,7 +224,7 @@ def walk_maps(head: AffinityHead, items: list[_Item], ds: SegDataset, maps_dir: 
                 continue
             emb = head([f[None].to(device) for f in item.feats])[0]
             grid = F.adaptive_avg_pool2d(torch.from_numpy(maps).to(device), emb.shape[-2:])
-            walked = random_walk(grid, emb, cfg.radius, cfg.beta, cfg.steps, cfg.kind)
+            walked = random_walk(grid, emb, cfg.radius, cfg.beta, cfg.steps)
             walked = F.interpolate(walked[None], size=maps.shape[-2:], mode="bilinear", align_corners=False)[0]
             save_maps(out_dir / f"{item.id}.npz", normalise_max(walked.clamp_min(0)).cpu().numpy(), classes,
                       ds.classes)
