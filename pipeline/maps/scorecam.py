@@ -30,16 +30,17 @@ inputs per forward), ``stem`` (``auto`` | ``basis`` | ``conv``: below); SS-CAM a
 
 How it is computed: an image's masked inputs are forwarded once for all of its requested classes (one pass
 gives p for every class; SS-CAM's noise is shared by the classes too), ``chunk`` at a time, built on the fly
-(never K x 3 x H x W at once), through a copy of the model in channels_last memory format with its
-BatchNorms folded into the convolutions (``pipeline.models.fold``: about 1.2x per forward on CPU; made once
-per model and reused while the model is unchanged). Score-CAM computes the model's first convolution of the
-masked inputs from a per-image basis where that is cheaper (``pipeline.maps.stem_basis``: a ResNet's 7 x 7
-stem with a small ``layer``; ``stem: auto``), exactly, since H^k is affine in A^k and the convolution linear;
-the baseline's forward is shared by all images when X_b is a constant; images with no requested class are not
-forwarded. A channel whose activation is constant over the map (e.g. all zero after a ReLU) is skipped with
-a_k^c = 0: its H^k is 0/0, undefined (the authors' code skips it too; taking H^k = 0 would give M^k = X_b,
-the same a_k^c = 0). Channels of an image with the same normalised map s(A^k) (e.g. one active position of
-a small map) share one masked input, so their forwards, and in SS-CAM their noise.
+(never K x 3 x H x W at once), through a copy of the model in channels_last memory format with its BatchNorms
+folded into the convolutions (``pipeline.models.fold``, faster forwards on CPU; made once per model and reused
+while the model is unchanged; on an inference copy, such as make_maps', that copy itself). Score-CAM computes
+the model's first convolution of the masked inputs from a per-image basis where that is cheaper
+(``pipeline.maps.stem_basis``: a ResNet's 7 x 7 stem with a small ``layer``; ``stem: auto``), exactly, since
+H^k is affine in A^k and the convolution linear; the baseline's forward is shared by all images when X_b is a
+constant; images with no requested class are not forwarded. A channel whose activation is constant over the
+map (e.g. all zero after a ReLU) is skipped with a_k^c = 0: its H^k is 0/0, undefined (the authors' code skips
+it too; taking H^k = 0 would give M^k = X_b, the same a_k^c = 0). Channels of an image with the same
+normalised map s(A^k) (e.g. one active position of a small map) share one masked input, so their forwards, and
+in SS-CAM their noise.
 
 Differences from the peers: torchcam's ScoreCAM and SSCAM weight with a softmax over the channels of
 logit differences, softmax_k(f_c(M^k) - f_c(X)), pytorch-grad-cam's ScoreCAM with softmax_k(f_c(X * H^k));

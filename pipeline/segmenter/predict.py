@@ -45,9 +45,8 @@ class Predictor:
 
     def __init__(self, net: nn.Module, ckpt: dict[str, Any], device: torch.device, flip: bool = True,
                  crf: CRFConfig | None = None, scales: tuple[float, ...] = (1.0,)):
-        # channels_last, as in training: the default run's 100 val images took 2.7 s against 3.8 s in batches
-        # of 16 on a 2-core CPU (and 4.6 s one by one); with BatchNorm folded into the convolutions (an
-        # inference copy, checked on a probe input) 2.5 s against 3.1 s, the same labels
+        # channels_last, as in training, with BatchNorm folded into the convolutions (an inference copy, checked
+        # on a probe input): faster on CPU, the same labels (docs/experiments.md#option-decisions-issue-28)
         probe = torch.zeros(1, 3, ckpt["input_size"], ckpt["input_size"], device=device)
         self.net = inference_copy(net.eval(), probe)
         self.device, self.flip, self.crf = device, flip, crf
