@@ -36,6 +36,10 @@ class DataConfig:
     background: bool = True
     train_split: str = "train"
     val_split: str = "val"
+    # folder layout without splits/: about this share of the images, chosen by a hash of their ids (the same
+    # every run), is held out as the "val" split and "train" is the rest ("all" is every image; with
+    # val_split "" nothing is held out)
+    val_fraction: float = 0.1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -203,6 +207,7 @@ class RefineConfig:
     refiners: list[str] = field(default_factory=lambda: ["threshold", "crf", "graphcut"])
     workers: str = "auto"  # auto = the number of cores, or an integer
     executor: Literal["local", "ray"] = "local"  # local: a process pool of `workers`; ray: Ray tasks (section `ray`)
+    stall_timeout: float = 600.0  # seconds without a finished image after which a pool worker counts as stalled
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     crf: CRFConfig = field(default_factory=CRFConfig)
     graphcut: GraphCutConfig = field(default_factory=GraphCutConfig)
@@ -347,9 +352,10 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Keys that choose where a stage runs, not what it writes (a local and a Ray run write the same bytes):
+# Keys that choose where and how a stage runs, not what it writes (a local and a Ray run, or 1 and N workers,
+# write the same bytes):
 # left out of the stage fingerprints, so switching executor re-runs nothing.
-EXECUTION_KEYS = {"maps": ("executor",), "refine": ("executor",)}
+EXECUTION_KEYS = {"maps": ("executor",), "refine": ("executor", "workers", "stall_timeout")}
 
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -421,7 +427,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    return _build(Config, values)
+    return validate(_build(Config, values))
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -450,3 +456,153 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- value checks
+# Every numeric key's range, in one place: ``validate`` runs on every loaded config, before any stage, so a
+# value that makes no sense (0 epochs, a negative learning rate, a quantile above 1) ends with one line
+# naming the key instead of an untrained model or a silent gradient ascent.
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval for a number (a list's items each): ``low``/``high`` None = unbounded; ``open`` ends excluded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        return ((self.low is None or (v > self.low if self.low_open else v >= self.low))
+                and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
+
+    def describe(self) -> str:
+        lo = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        if lo and hi and not self.low_open and not self.high_open:
+            return f"in [{self.low:g}, {self.high:g}]"
+        return " and ".join(p for p in (lo, hi) if p) or "any value"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)
+ANY = Range()
+
+# dotted key -> its range; ``tests/test_config.py`` checks that every int and float key of Config is here
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,
+    "data.val_fraction": Range(0, 1, high_open=True),
+    "data.synthetic.n_train": NON_NEGATIVE, "data.synthetic.n_val": NON_NEGATIVE,
+    "data.synthetic.size": Range(32), "data.synthetic.seed": NON_NEGATIVE,
+    "classifier.input_size": Range(16), "classifier.epochs": AT_LEAST_1, "classifier.batch_size": AT_LEAST_1,
+    "classifier.lr": POSITIVE, "classifier.backbone_lr_mult": NON_NEGATIVE, "classifier.weight_decay": NON_NEGATIVE,
+    "classifier.workers": NON_NEGATIVE, "classifier.acol.delta": FRACTION,
+    "maps.limit": AT_LEAST_1, "maps.scales": POSITIVE,
+    "maps.ig.steps": AT_LEAST_1, "maps.ig.baseline": ANY, "maps.ig.chunk": AT_LEAST_1,
+    "maps.smoothgrad.n": AT_LEAST_1, "maps.smoothgrad.sigma": NON_NEGATIVE,
+    "maps.smoothgrad.cap_percentile": Range(0, 100, low_open=True), "maps.smoothgrad.seed": NON_NEGATIVE,
+    "maps.smoothgrad.chunk": AT_LEAST_1,
+    "maps.scorecam.baseline": ANY, "maps.scorecam.chunk": AT_LEAST_1,
+    "maps.sscam.baseline": ANY, "maps.sscam.chunk": AT_LEAST_1, "maps.sscam.n": AT_LEAST_1,
+    "maps.sscam.sigma": NON_NEGATIVE, "maps.sscam.seed": NON_NEGATIVE,
+    "maps.class_model.steps": AT_LEAST_1, "maps.class_model.lr": POSITIVE, "maps.class_model.l2": NON_NEGATIVE,
+    "maps.class_model.size": Range(8), "maps.class_model.jitter": NON_NEGATIVE,
+    "maps.class_model.blur_every": NON_NEGATIVE, "maps.class_model.blur_sigma": NON_NEGATIVE,
+    "maps.class_model.seed": NON_NEGATIVE,
+    "refine.stall_timeout": POSITIVE,
+    "refine.threshold.fg": FRACTION, "refine.threshold.bg": FRACTION, "refine.threshold.min_margin": FRACTION,
+    "refine.crf.iterations": AT_LEAST_1, "refine.crf.gauss_sxy": POSITIVE, "refine.crf.gauss_compat": NON_NEGATIVE,
+    "refine.crf.bilateral_sxy": POSITIVE, "refine.crf.bilateral_srgb": POSITIVE,
+    "refine.crf.bilateral_compat": NON_NEGATIVE, "refine.crf.power": POSITIVE, "refine.crf.mean_norm": NON_NEGATIVE,
+    "refine.crf.eps": Range(0, 1, low_open=True, high_open=True), "refine.crf.alpha": POSITIVE,
+    "refine.crf.alpha_fg": POSITIVE, "refine.crf.alpha_bg": POSITIVE,
+    "refine.graphcut.fg_quantile": FRACTION, "refine.graphcut.bg_quantile": FRACTION,
+    "refine.graphcut.mid": FRACTION, "refine.graphcut.iterations": AT_LEAST_1,
+    "refine.sam.threshold": FRACTION, "refine.sam.box_margin": NON_NEGATIVE, "refine.sam.min_area": FRACTION,
+    "refine.sam.max_boxes": AT_LEAST_1, "refine.sam.min_score": FRACTION, "refine.sam.batch_size": AT_LEAST_1,
+    "refine.sam.points_per_side": AT_LEAST_1, "refine.sam.pred_iou_thresh": FRACTION,
+    "refine.sam.stability_score_thresh": FRACTION, "refine.sam.coverage": Range(0, 1, low_open=True),
+    "affinity.cell_agreement": Range(0, 1, low_open=True),
+    "affinity.radius": AT_LEAST_1, "affinity.dim": AT_LEAST_1, "affinity.epochs": AT_LEAST_1,
+    "affinity.lr": POSITIVE, "affinity.weight_decay": NON_NEGATIVE, "affinity.accumulate": AT_LEAST_1,
+    "affinity.beta": POSITIVE, "affinity.steps": NON_NEGATIVE,
+    "ray.num_cpus": AT_LEAST_1, "ray.map_actors": AT_LEAST_1, "ray.gpus_per_actor": NON_NEGATIVE,
+    "ray.cpus_per_actor": AT_LEAST_1, "ray.cpus_per_task": AT_LEAST_1, "ray.shard_size": AT_LEAST_1,
+    "segmenter.output_stride": Range(8, 16), "segmenter.channels": AT_LEAST_1,
+    "segmenter.frozen_stages": NON_NEGATIVE, "segmenter.atrous_rates": AT_LEAST_1,
+    "segmenter.input_size": Range(16), "segmenter.crop_size": Range(16), "segmenter.scale_range": POSITIVE,
+    "segmenter.epochs": AT_LEAST_1, "segmenter.batch_size": AT_LEAST_1, "segmenter.lr": POSITIVE,
+    "segmenter.backbone_lr_mult": NON_NEGATIVE, "segmenter.weight_decay": NON_NEGATIVE,
+    "segmenter.workers": NON_NEGATIVE, "segmenter.test_scales": POSITIVE,
+    "evaluate.sweep": FRACTION,
+    "evaluate.faithfulness.limit": AT_LEAST_1, "evaluate.faithfulness.steps": AT_LEAST_1,
+    "evaluate.faithfulness.batch": AT_LEAST_1, "evaluate.faithfulness.blur_sigma": POSITIVE,
+    "report.samples": NON_NEGATIVE, "report.thumb": Range(16), "report.jpeg_quality": Range(1, 100),
+}
+# keys that must take one of a few values (checked with RANGES)
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "segmenter.output_stride": (8, 16, None),
+}
+# lists that need at least one item
+NON_EMPTY = ("maps.scales", "segmenter.test_scales", "segmenter.atrous_rates")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _has(cfg: Any, dotted: str) -> bool:
+    try:
+        _get(cfg, dotted)
+    except AttributeError:
+        return False
+    return True
+
+
+def _fail(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value's range and the keys that depend on one another; the first bad one is a
+    ``ConfigError`` naming its key. Returns ``cfg``."""
+    for key, rng in RANGES.items():
+        if not _has(cfg, key):
+            continue  # an option of a section this Config does not have (kept in step by the tests)
+        value = _get(cfg, key)
+        if key in CHOICES:
+            if value not in CHOICES[key]:
+                raise _fail(key, "one of " + ", ".join("null" if c is None else str(c) for c in CHOICES[key]), value)
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if v is None or isinstance(v, str) or rng.holds(v):
+                continue
+            what = "an integer" if isinstance(v, int) else "a number"
+            where = f"items {rng.describe()}" if isinstance(value, list) else f"{what} {rng.describe()}"
+            raise _fail(key, where, value)
+    for key in NON_EMPTY:
+        if _has(cfg, key) and not _get(cfg, key):
+            raise _fail(key, "a list of at least one value", _get(cfg, key))
+    scale_range = cfg.segmenter.scale_range
+    if len(scale_range) != 2 or scale_range[0] > scale_range[1]:
+        raise _fail("segmenter.scale_range", "[low, high] with low <= high", cfg.segmenter.scale_range)
+    workers = cfg.refine.workers
+    if workers != "auto" and not (workers.lstrip("-").isdigit() and int(workers) >= 1):
+        raise _fail("refine.workers", "auto or an integer >= 1", workers)
+    from pipeline.refine import get_refiner  # here: the refiners' modules import this one
+
+    for key in ("refine.refiners", "affinity.refiners"):
+        for name in _get(cfg, key):
+            get_refiner(name, key)  # an unknown name fails now, not after hours of training
+    if cfg.affinity.enabled:
+        for name in cfg.affinity.labels_from:
+            if name not in cfg.refine.refiners:
+                raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
+                                  f"{cfg.refine.refiners}")
+    return cfg

@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.stage_names import TRAINING_STAGES
+from pipeline.workers import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ class DistContext:
             dataset.set_epoch(epoch)
         sampler = self.sampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                drop_last=drop_last, key=key)
+        if kwargs.get("num_workers", 0) > 0:  # loader workers must not inherit native thread pools
+            kwargs.setdefault("multiprocessing_context", worker_context())
         return DataLoader(dataset, batch_sampler=sampler, **kwargs)
 
     def wrap(self, model: nn.Module, **ddp_kwargs) -> nn.Module:

@@ -205,3 +205,55 @@ def atomic_dir(path: Path) -> Callable[[], Path]:
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+LOCK_NAME = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextmanager
+def run_lock(run: Path) -> Any:
+    """Hold ``<run>/.lock`` while stages write the run folder: one process at a time. A second process ends
+    with one line naming the first one's pid. The lock is an ``flock`` on the file, which the kernel releases
+    when its holder dies, so a lock left by a killed process is taken over (with a log line naming its pid)."""
+    import fcntl
+    import logging
+    import socket
+
+    run = Path(run)
+    path = run / LOCK_NAME
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"{run}: cannot write the run folder ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+            raise UserError(f"{run}: the run folder is in use by another wsss process ({who}); wait for it to "
+                            f"finish, stop it, or choose another run_dir") from None
+        previous = os.pread(fd, 200, 0).decode(errors="replace").split()
+        if previous and previous[0].isdigit() and int(previous[0]) != os.getpid():
+            state = "no longer running" if not _alive(int(previous[0])) else "which no longer holds it"
+            logging.getLogger(__name__).warning("%s: taking over the lock left by pid %s (%s)", path, previous[0],
+                                                state)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: released cleanly
+    finally:
+        os.close(fd)  # releases the flock

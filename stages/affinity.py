@@ -7,7 +7,6 @@ from __future__ import annotations
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.distributed import torchrun_rank
-from pipeline.errors import ConfigError
 from pipeline.models import load_classifier
 from pipeline.refine import SUFFIX, get_refiner, walked_maps
 from pipeline.refine.affinity import collect, train_head, walk_maps
@@ -20,10 +19,6 @@ def run(cfg: Config, force: bool = False) -> None:
     run_dir, a = cfg.run_path, cfg.affinity
     if not a.enabled or torchrun_rank() > 0:
         return
-    for name in a.labels_from:
-        if name not in cfg.refine.refiners:
-            raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
-                              f"{cfg.refine.refiners}")
     for name in a.refiners:
         get_refiner(name, "affinity.refiners")
     fp = fingerprint(cfg.section_hash("affinity"), stage_fingerprint(run_dir, "refine"))

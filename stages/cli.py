@@ -11,12 +11,13 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import nullcontext
 
 import yaml
 
 from pipeline.config import dump_config, load_config
 from pipeline.errors import UserError, first_line
-from pipeline.runfolder import write_text
+from pipeline.runfolder import run_lock, write_text
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -74,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         names = list(STAGES) if args.stage == "all" else [args.stage]
         check_torchrun_command(names)  # under torchrun: one training stage only, else a one-line error
-        if torchrun_rank() == 0:
-            write_text(cfg.run_path / "config.yaml", dump_config(cfg))
-        for name in names:
-            t0 = time.perf_counter()
-            STAGES[name](cfg, force=args.force)
-            log.info("%s: %.1f s", name, time.perf_counter() - t0)
+        # one process per run folder (under torchrun, rank 0 holds the lock for the others)
+        with run_lock(cfg.run_path) if torchrun_rank() == 0 else nullcontext():
+            if torchrun_rank() == 0:
+                write_text(cfg.run_path / "config.yaml", dump_config(cfg))
+            for name in names:
+                t0 = time.perf_counter()
+                STAGES[name](cfg, force=args.force)
+                log.info("%s: %.1f s", name, time.perf_counter() - t0)
     except UserError as exc:
         return _fail(str(exc))
     except OSError as exc:  # a file the user named, or the disk: unreadable, a folder, no permission...

@@ -58,14 +58,18 @@ def _folder(tmp_path, labels_csv: str, splits: dict[str, str] | None = None):
 @pytest.mark.parametrize("background", [True, False])
 def test_folder_reader(tmp_path, background):
     root = _folder(tmp_path, "image,labels\nx1.png,cat dog\nx2,dog\nx3,\n")
-    ds = read_folder(root, "train", background)
+    ds = read_folder(root, "all", background)  # without splits/: all, or train and val (data.val_fraction)
     assert [s.id for s in ds] == ["x1", "x2"]
     assert ds.skipped == ["x3"]  # no labels: skipped and counted
     assert ds.samples[0].labels == (0, 1) and ds.samples[0].mask_path is not None
     assert ds.samples[1].mask_path is None
     assert ds.num_labels == 2 + int(background)
-    with pytest.raises(DataError, match="split file not found"):
-        read_folder(root, "val", background)
+    train, val = ([x.id for x in read_folder(root, split, background)] for split in ("train", "val"))
+    assert len(val) == 1 and sorted(train + val) == ["x1", "x2"]
+    with pytest.raises(DataError, match="split file not found, and data.val_fraction is 0"):
+        read_folder(root, "val", background, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"split file not found \(without splits/, the splits are 'train', 'val'"):
+        read_folder(root, "test", background)
 
 
 def test_folder_reader_splits(tmp_path):

@@ -26,4 +26,6 @@ def prepare_data(cfg: DataConfig) -> None:
 
 def load_dataset(cfg: DataConfig, split: str) -> SegDataset:
     prepare_data(cfg)
+    if cfg.kind == "folder":  # without a val split (val_split: ""), nothing is held out
+        return read_folder(Path(cfg.root), split, cfg.background, val_fraction=cfg.val_fraction if cfg.val_split else 0)
     return READERS[cfg.kind](Path(cfg.root), split, cfg.background)

@@ -7,8 +7,6 @@ workers, so the files are the same bytes."""
 from __future__ import annotations
 
 import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,22 +15,18 @@ from tqdm import tqdm
 
 from pipeline.config import RayConfig, RefineConfig
 from pipeline.data import SegDataset, read_image
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.maps.io import load_maps
 from pipeline.refine import get_refiner
 from pipeline.runfolder import save_label_png
+from pipeline.workers import run_pool
 
 
 def resolve_workers(workers: str) -> int:
+    """``refine.workers`` as a number (checked by ``pipeline.config.validate``): ``auto`` = the usable cores."""
     if workers == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        n = int(workers)
-    except ValueError:
-        raise ConfigError(f"config key 'refine.workers': expected auto or an integer, got {workers!r}") from None
-    if n < 1:
-        raise ConfigError(f"config key 'refine.workers': expected at least 1, got {n}")
-    return n
+    return int(workers)
 
 
 @dataclass(frozen=True)
@@ -97,14 +91,10 @@ def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cf
             _run_one(job)
             bar.update()
     else:
-        # On an error or Ctrl-C, map's iterator cancels the queued images; the running ones finish.
-        with ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint) as pool:
-            for _ in pool.map(_run_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-                bar.update()
+        # small chunks: progress and the stall limit are per chunk, and a Ctrl-C drops only queued ones
+        chunk = max(1, min(16, len(jobs) // (workers * 8)))
+        for _ in run_pool(_run_one, jobs, workers, what=f"refine {refiner}", stall_s=cfg.stall_timeout,
+                          chunk=chunk):
+            bar.update()
     bar.close()
     return len(jobs)
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the pool: no traceback from an idle worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
