@@ -21,6 +21,8 @@ TINY = {
     "segmenter": {"input_size": 112, "crop_size": 112, "epochs": 3, "batch_size": 8, "backbone_lr_mult": 1.0},
 }
 
+WALK_MARGIN = 0.02  # mIoU the walked pseudo-masks must gain over the raw maps' (graphcut on each)
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -87,7 +89,8 @@ def test_rerun_skips_up_to_date_stages(tiny_run, caplog):
 
 
 def test_affinity_walk_sharpens_the_pseudo_masks(tiny_run, tmp_path, caplog):
-    """AffinityNet on a copy of the tiny run: the walked maps are refined again, exported and scored."""
+    """AffinityNet on a copy of the tiny run: the walked maps are refined again, exported and scored, and the
+    pseudo-masks refined from the walked maps score a higher mIoU than the same refiner's on the raw maps."""
     run, path = tiny_run
     shutil.copytree(run, tmp_path / "run")
     sets = ["--set", f"run_dir={tmp_path / 'run'}", "affinity.enabled=true", "segmenter.enabled=false",
@@ -99,8 +102,7 @@ def test_affinity_walk_sharpens_the_pseudo_masks(tiny_run, tmp_path, caplog):
     pseudo = {name: m["miou"] for name, m in metrics["pseudo_masks"].items()}
     assert set(pseudo) == {"threshold", "crf", "graphcut", "graphcut_rw"}
     assert metrics["pseudo_masks"]["graphcut_rw"]["maps"] == "cam_rw" and "cam_rw" in metrics["maps"]
-    # measured: graphcut 0.523 -> 0.529 on the walked maps, cam 0.319 -> 0.372 (MSRC-21: README)
-    assert pseudo["graphcut_rw"] > pseudo["graphcut"] - 0.01
+    assert pseudo["graphcut_rw"] > pseudo["graphcut"] + WALK_MARGIN, pseudo  # the masks, not only the maps
     assert metrics["maps"]["cam_rw"]["miou"] > metrics["maps"]["cam"]["miou"] + 0.02
     manifest = json.loads((walked / "pseudo_masks/manifest.json").read_text())
     assert manifest["refiner"] == "graphcut_rw" and manifest["map_method"] == "cam_rw"  # auto: walked first
