@@ -1,13 +1,13 @@
 """Ray executors of the per-image stages: ``maps.executor: ray`` and ``refine.executor: ray``.
 
-``make_maps``: a pool of actors (``ray.map_actors``; by default one per GPU of the cluster, each with
-``gpus_per_actor`` = 1, or without GPUs one per ``cpus_per_actor`` CPUs), each loading the classifier
-once; the images go to them in shards of ``ray.shard_size``. ``refine``: one CPU task
-(``ray.cpus_per_task``) per shard of images. Workers read their inputs (the images, the run folder's
-``classifier.pt`` and maps) at the paths the driver gives, and send their results back: this process writes
-every output through the same functions as a local run, so a Ray run and a local run give files of the
-same bytes (with the same thread count per worker for the maps: float sums may depend on it), and the
-run folder's atomic writes, resume and Ctrl-C behave as they do locally.
+``make_maps``: a pool of actors (``ray_actors``; ``ray.map_actors``, by default one per GPU of the cluster, each
+with ``gpus_per_actor`` = 1, or without GPUs one per ``cpus_per_actor`` CPUs), each loading the classifier
+once; the images go to them in shards of ``ray.shard_size``. ``refine``: one CPU task (``ray_tasks``;
+``ray.cpus_per_task``) per shard of images. The stages pass the per-image function they run. Workers read
+their inputs (the images, the run folder's ``classifier.pt`` and maps) at the paths the driver gives, and
+send their results back: this process writes every output through the same functions as a local run, so a
+Ray run and a local run give files of the same bytes (with the same thread count per worker for the maps:
+float sums may depend on it), and the run folder's atomic writes, resume and Ctrl-C behave as they do locally.
 
 Where Ray runs (``ray.address``):
 - ``null``: a local Ray instance is started for the stage (``ray.num_cpus`` CPUs, default all) and stopped
@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.config import MapsConfig, RayConfig
+from pipeline.config import RayConfig
 from pipeline.errors import ConfigError, UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -126,46 +124,39 @@ def shards(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
-# ----------------------------------------------------------------------------- make_maps
+# ----------------------------------------------------------------------------- actors and tasks
+# The stages give the per-item function they run; this module knows nothing of maps or refiners, so the
+# dependency points one way (pipeline.maps.generate and pipeline.refine.runner -> here).
 
 
-class MapWorker:
-    """A Ray actor that loads the classifier once and maps shards of images."""
+class _Actor:
+    """A Ray actor that builds its per-item function once, ``factory(*args)`` (e.g. a classifier loaded on the
+    actor's device), and runs it over shards of items."""
 
-    def __init__(self, ckpt_path: str, cfg: MapsConfig, num_classes: int, device_name: str, threads: int):
-        import torch
-
-        from pipeline.device import resolve_device
-        from pipeline.maps.generate import method_functions
-        from pipeline.models import load_classifier
-
-        torch.set_num_threads(max(1, threads))
-        self.cfg, self.num_classes, self.error = cfg, num_classes, None
+    def __init__(self, factory: Callable[..., Callable[[Any], Any]], args: tuple):
+        self.fn, self.error = None, None
         try:
-            self.device = resolve_device(device_name)
-            self.net, self.ckpt = load_classifier(Path(ckpt_path), self.device)
-            self.fns = method_functions(cfg)
+            self.fn = factory(*args)
         except UserError as exc:
             self.error = exc
 
-    def run(self, jobs: list[tuple[int, Any]]) -> list[tuple[int, list[tuple[str, np.ndarray]]]] | _Failure:
-        from pipeline.maps.generate import image_maps
-
+    def run(self, items: list[tuple[int, Any]]) -> list[tuple[int, Any]] | _Failure:
         if self.error is not None:
             return _Failure(self.error)
         try:
-            return [(i, list(image_maps(self.net, self.ckpt, self.fns, job, self.cfg, self.num_classes,
-                                        self.device))) for i, job in jobs]
+            return [(i, self.fn(item)) for i, item in items]
         except UserError as exc:
             return _Failure(exc)
 
 
-def ray_maps(jobs: list, cfg: MapsConfig, rc: RayConfig, ckpt_path: Path, num_classes: int,
-             device_name: str) -> Iterator[tuple[Any, list[tuple[str, np.ndarray]]]]:
-    """(job, [(method, float16 maps)]) for each ``MapJob`` of ``jobs``, in the order they finish."""
+def ray_actors(factory: Callable[..., Callable[[Any], Any]], args: tuple, jobs: list, rc: RayConfig, key: str,
+               device_name: str) -> Iterator[tuple[Any, Any]]:
+    """(job, ``fn(job)``) for each of ``jobs``, in the order they finish, on a pool of Ray actors each holding
+    ``fn = factory(*args)``: one per GPU of the cluster (``gpus_per_actor``), or without GPUs one per
+    ``cpus_per_actor`` CPUs, at most ``map_actors``. ``key`` names the executor's config key in errors."""
     if not jobs:
         return
-    with ray_session(rc, "maps.executor") as ray:
+    with ray_session(rc, key) as ray:
         from ray.util import ActorPool
 
         resources = ray.cluster_resources()
@@ -180,46 +171,41 @@ def ray_maps(jobs: list, cfg: MapsConfig, rc: RayConfig, ckpt_path: Path, num_cl
         if n < 1:
             raise ConfigError(f"config key 'ray.gpus_per_actor': an actor needs {rc.cpus_per_actor} CPUs and {gpus} "
                               f"GPUs, the Ray cluster has {resources.get('CPU', 0)} and {resources.get('GPU', 0)}")
-        log.info("make_maps: %d Ray actors (%s CPU, %s GPU each), %d shards", n, rc.cpus_per_actor, gpus, len(parts))
-        worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=gpus)(MapWorker)
-        actors = [worker.remote(str(ckpt_path), cfg, num_classes, device_name, rc.cpus_per_actor) for _ in range(n)]
+        log.info("%s: %d Ray actors (%s CPU, %s GPU each), %d shards", key, n, rc.cpus_per_actor, gpus, len(parts))
+        actor = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=gpus)(_Actor)
+        actors = [actor.remote(factory, args) for _ in range(n)]
         try:
             pool = ActorPool(actors)
             for part in parts:
-                pool.submit(lambda actor, shard: actor.run.remote(shard), [(i, jobs[i]) for i in part])
+                pool.submit(lambda a, shard: a.run.remote(shard), [(i, jobs[i]) for i in part])
             while pool.has_next():
-                for i, results in _results(pool.get_next_unordered()):
-                    yield jobs[i], results
+                for i, result in _results(pool.get_next_unordered()):
+                    yield jobs[i], result
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            for a in actors:
+                ray.kill(a)
 
 
-# ----------------------------------------------------------------------------- refine
-
-
-def _refine_shard(jobs: list[tuple[int, Any]]) -> list[tuple[int, np.ndarray]] | _Failure:
-    from pipeline.refine.runner import refine_label  # here, not above: pipeline.maps stays free of CRF imports
-
+def _run_shard(fn: Callable[[Any], Any], items: list[tuple[int, Any]]) -> list[tuple[int, Any]] | _Failure:
     try:
-        return [(i, refine_label(job)) for i, job in jobs]
+        return [(i, fn(item)) for i, item in items]
     except UserError as exc:
         return _Failure(exc)
 
 
-def ray_refine(jobs: list, rc: RayConfig) -> Iterator[tuple[Any, np.ndarray]]:
-    """(job, uint8 label map) for each refine job of ``jobs``, computed by Ray CPU tasks over shards, in the
-    order they finish."""
+def ray_tasks(fn: Callable[[Any], Any], jobs: list, rc: RayConfig, key: str) -> Iterator[tuple[Any, Any]]:
+    """(job, ``fn(job)``) for each of ``jobs``, computed by Ray CPU tasks (``cpus_per_task``) over shards of
+    ``shard_size``, in the order they finish."""
     if not jobs:
         return
-    with ray_session(rc, "refine.executor") as ray:
-        task = ray.remote(num_cpus=rc.cpus_per_task)(_refine_shard)
-        pending = [task.remote([(i, jobs[i]) for i in part]) for part in shards(len(jobs), rc.shard_size)]
+    with ray_session(rc, key) as ray:
+        task = ray.remote(num_cpus=rc.cpus_per_task)(_run_shard)
+        pending = [task.remote(fn, [(i, jobs[i]) for i in part]) for part in shards(len(jobs), rc.shard_size)]
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                for i, label in _results(ray.get(done[0])):
-                    yield jobs[i], label
+                for i, result in _results(ray.get(done[0])):
+                    yield jobs[i], result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -54,8 +54,8 @@ def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], j
     """(method, float16 maps [K,H,W] of the image's K classes) for each method of ``job``, one at a time.
 
     The methods run on the classifier's inference copy (``pipeline.models.fold``: BatchNorm folded into the
-    convolutions, channels_last; made once while the classifier is unchanged): CAM at the default run's 3
-    scales + flip took 0.155 s an image against 0.27 s on a 2-core CPU."""
+    convolutions, channels_last; made once while the classifier is unchanged), which is faster on CPU than the
+    training network; docs/experiments.md has the timings."""
     s = job.sample
     x = to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], device)
     present = torch.zeros((1, num_classes), dtype=torch.bool, device=device)
@@ -66,6 +66,20 @@ def image_maps(net: nn.Module, ckpt: dict[str, Any], fns: dict[str, Callable], j
         yield m, maps.cpu().numpy().astype(np.float16)
 
 
+def map_worker(ckpt_path: str, cfg: MapsConfig, num_classes: int, device_name: str,
+               threads: int) -> Callable[[MapJob], list[tuple[str, np.ndarray]]]:
+    """The per-image function of a Ray actor of ``maps.executor: ray``: the classifier loaded once, on the
+    actor's own device (``device_name`` resolved there), with ``threads`` torch threads."""
+    from pipeline.device import resolve_device
+    from pipeline.models import load_classifier
+
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(device_name)
+    net, ckpt = load_classifier(Path(ckpt_path), device)
+    fns = method_functions(cfg)
+    return lambda job: list(image_maps(net, ckpt, fns, job, cfg, num_classes, device))
+
+
 def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
                   device: torch.device, skip_existing: bool = False, ray: RayConfig | None = None,
                   ckpt_path: Path | None = None, device_name: str = "auto") -> int:
@@ -74,12 +88,14 @@ def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: Map
     ``device_name`` (resolved where each actor runs), as ``ray`` says."""
     jobs = map_jobs(ds, cfg, out_root, skip_existing)
     if cfg.executor == "ray":
-        from pipeline.executors import ray_maps
+        from pipeline.executors import ray_actors
 
         if ckpt_path is None:
             raise ValueError("maps.executor ray needs the checkpoint's path")
+        rc = ray or RayConfig()
         bar = tqdm(total=len(jobs), desc="maps (ray)")
-        for job, results in ray_maps(jobs, cfg, ray or RayConfig(), ckpt_path, ds.num_classes, device_name):
+        args = (str(ckpt_path), cfg, ds.num_classes, device_name, rc.cpus_per_actor)
+        for job, results in ray_actors(map_worker, args, jobs, rc, "maps.executor", device_name):
             _save(out_root, job, results, ds.classes)
             bar.update()
         bar.close()

@@ -60,5 +60,5 @@ def register_refiner(name: str, needs_image: bool = False, cache: bool = False,
 
 from pipeline.refine import crf as _crf  # noqa: E402,F401  (registers the refiners)
 from pipeline.refine import graphcut as _graphcut  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)
 from pipeline.refine import sam as _sam  # noqa: E402,F401  (registers the refiners)
+from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)

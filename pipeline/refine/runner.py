@@ -81,9 +81,9 @@ def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cf
     workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"refine {refiner}", leave=False)
     if cfg.executor == "ray":
-        from pipeline.executors import ray_refine
+        from pipeline.executors import ray_tasks
 
-        for job, label in ray_refine(jobs, ray or RayConfig()):
+        for job, label in ray_tasks(refine_label, jobs, ray or RayConfig(), "refine.executor"):
             save_label_png(job.out_path, label)
             bar.update()
     elif workers == 1:
