@@ -4,6 +4,7 @@ and the stage names are written once (pipeline/stage_names.py)."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,9 +56,12 @@ def test_make_passes_each_stage_to_the_cli_without_listing_them():
     if shutil.which("make") is None:
         pytest.skip("no make")
 
-    def dry_run(target: str) -> str:  # -o install: the venv is not checked
-        return subprocess.run(["make", "-n", "-o", "install", target], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout
+    # -o install: the venv is not checked; under an outer make (make test) the child would print its directory
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+    def dry_run(target: str) -> str:
+        return subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", target], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout
 
     for name in STAGE_NAMES:
         assert dry_run(name).split() == [".venv/bin/python", "-m", "stages.cli", name, "--config",
