@@ -23,19 +23,19 @@ from pipeline.errors import ConfigError
 
 @dataclass
 class SyntheticConfig:
-    n_train: int = 400
-    n_val: int = 100
-    size: int = 128
-    seed: int = 0
+    n_train: int = 400  # training images to generate
+    n_val: int = 100  # validation images to generate
+    size: int = 128  # image side in pixels (at least 32)
+    seed: int = 0  # of the generator: the same seed gives the same images
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "voc", "folder"] = "synthetic"
-    root: str = "datasets/synthetic"
-    background: bool = True
-    train_split: str = "train"
-    val_split: str = "val"
+    kind: Literal["synthetic", "voc", "folder"] = "synthetic"  # the layout of data.root (datasets/README.md)
+    root: str = "datasets/synthetic"  # the dataset's folder
+    background: bool = True  # mask index 0 is a background class (true), or every pixel is one of the classes
+    train_split: str = "train"  # the split the classifier trains on
+    val_split: str = "val"  # the split it is validated on, and the segmenter scored on ("" = none)
     # folder layout without splits/: about this share of the images, chosen by a hash of their ids (the same
     # every run), is held out as the "val" split and "train" is the rest ("all" is every image; with
     # val_split "" nothing is held out)
@@ -52,16 +52,16 @@ class ACoLConfig:
 
 @dataclass
 class ClassifierConfig:
-    model: Literal["cam", "acol"] = "cam"
-    backbone: str = "smallcnn"
-    pretrained: str = "none"  # none | imagenet | packaged | <path to a state dict>
-    input_size: int = 128
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 3e-3
-    backbone_lr_mult: float = 1.0
-    weight_decay: float = 1e-4
-    workers: int = 0
+    model: Literal["cam", "acol"] = "cam"  # cam: GAP + bias-free linear head; acol: two branches with erasing
+    backbone: str = "tf_efficientnet_lite0"  # small and fast on CPU, with ImageNet weights that ship offline
+    pretrained: str = "packaged"  # none | imagenet | packaged | <path to a state dict>
+    input_size: int = 256  # training crops, in pixels
+    epochs: int = 8  # passes over the training images
+    batch_size: int = 16  # images per optimiser step (split over the processes under torchrun)
+    lr: float = 1e-3  # AdamW, the head; warm-up + cosine decay
+    backbone_lr_mult: float = 0.3  # the pretrained backbone learns at lr x this
+    weight_decay: float = 1e-4  # AdamW's
+    workers: int = 0  # data-loader worker processes (0 = load in the main process)
     fast_cpu_convs: bool = True  # dilated convolutions with a written-out CPU backward (pipeline/models/convs.py)
     acol: ACoLConfig = field(default_factory=ACoLConfig)  # options of model acol (bound by name: classifier.<model>)
 
@@ -80,14 +80,14 @@ class IGConfig:
 
 @dataclass
 class SmoothGradConfig:
-    base: Literal["saliency", "ig", "guided"] = "saliency"
+    base: Literal["saliency", "ig", "guided"] = "saliency"  # the gradient map that is smoothed
     n: int = 16  # noisy copies
     sigma: float = 0.15  # noise std as a fraction of the input's range
-    mode: Literal["abs", "square", "mean"] = "abs"
-    times_input: bool = False
+    mode: Literal["abs", "square", "mean"] = "abs"  # abs: mean of |g|; square: mean of g^2; mean: |mean of g|
+    times_input: bool = False  # multiply the map by the input
     cap_percentile: float = 100.0  # cap each map at this percentile (100 = no cap)
-    seed: int = 0
-    chunk: int = 64
+    seed: int = 0  # of the noise
+    chunk: int = 64  # noisy copies per forward/backward: bounds memory
 
 
 @dataclass
@@ -104,7 +104,7 @@ class SSCAMConfig(ScoreCAMConfig):
     variant: Literal["activation", "input"] = "activation"  # noise on the masks, or on the masked inputs
     n: int = 8  # noisy samples per channel
     sigma: float = 0.2  # noise std: in mask units (activation) or as a fraction of the image's range (input)
-    seed: int = 0
+    seed: int = 0  # of the noise
 
 
 @dataclass
@@ -123,12 +123,13 @@ class ClassModelConfig:
 
 @dataclass
 class MapsConfig:
-    split: str = "train"
+    split: str = "train"  # the images that get maps and pseudo-masks
     limit: int | None = None  # only this many images, spread evenly over the split (maps, refine, export, evaluate)
+    # map methods (docs/methods.md); refine.method picks the one to refine
     methods: list[str] = field(default_factory=lambda: ["cam"])
     visualizations: list[str] = field(default_factory=list)  # run once per run, not per image: class_model
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])  # relative to the image; larger = finer maps
+    flip: bool = True  # the mirror image's maps are added
     fold_batchnorm: bool = True  # the methods run on a copy with BatchNorm folded in (pipeline/models/fold.py)
     executor: Literal["local", "ray"] = "local"  # ray: per-image maps on a pool of Ray actors (section `ray`)
     # options of the methods that take any (bound by name: maps.<method>)
@@ -204,6 +205,7 @@ class SamConfig:
 @dataclass
 class RefineConfig:
     method: str = "cam"  # the map method whose maps the refiners read
+    # refined/<refiner>/ for each; export picks one
     refiners: list[str] = field(default_factory=lambda: ["threshold", "crf", "graphcut"])
     workers: str = "auto"  # auto = the number of cores, or an integer
     executor: Literal["local", "ray"] = "local"  # local: a process pool of `workers`; ray: Ray tasks (section `ray`)
@@ -219,14 +221,14 @@ class AffinityConfig:
     """AffinityNet (Ahn & Kwak 2018): pair affinities learnt from the refined labels, then a random walk of the
     maps; see pipeline/refine/affinity.py. Runs between refine and export (stage ``affinity``)."""
 
-    enabled: bool = False
+    enabled: bool = True  # run the affinity stage between refine and export
     labels_from: list[str] = field(default_factory=lambda: ["crf", "graphcut"])  # pixels where these agree
     cell_agreement: float = 0.9  # a cell is labelled where this share of its pixels has one label
     radius: int = 5  # pairs (and walk steps) within this many cells
     dim: int = 256  # embedding channels
-    epochs: int = 3
+    epochs: int = 3  # passes over the images to train the affinity head
     lr: float = 1e-3  # AdamW
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW's
     accumulate: int = 8  # images per optimiser step
     beta: float = 16.0  # transition weights a^beta: sharper edges
     steps: int = 16  # random-walk steps
@@ -254,7 +256,7 @@ class ExportConfig:
     # auto = the best refiner that ran, in the order of pipeline/export.py AUTO_ORDER (walked maps first), or
     # name one of the refined label sets
     refiner: str = "auto"
-    images: Literal["link", "copy"] = "link"
+    images: Literal["link", "copy"] = "link"  # JPEGImages/ as symbolic links to the dataset, or copies
 
 
 @dataclass
@@ -264,29 +266,29 @@ class SegmenterConfig:
     enabled: bool = True  # the `all` command (make stages) trains it after export
     masks: Literal["pseudo", "gt"] = "pseudo"  # train on the exported pseudo-masks, or on the dataset's GT masks
     upper_bound: bool = True  # with masks: pseudo on a dataset with GT masks, also train the GT twin
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = "tf_efficientnet_lite0"  # the encoder, from the same backbone registry as the classifier's
     pretrained: str = "packaged"  # none | imagenet | packaged | <path to a state dict>
     output_stride: int | None = None  # 8 or 16 (dilated last stages); None = the backbone's own (smallcnn 8, else 16)
     channels: int = 128  # width of the ASPP head (torchvision's is 256)
     # the backbone's first stages (its taps, finest first) keep their pretrained weights and BatchNorm
     # statistics and get no gradient (mmseg's frozen_stages); 0 = train every layer
-    frozen_stages: int = 0
-    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
-    input_size: int = 256  # images are resized to this longest side, for training (then scaled) and prediction
+    frozen_stages: int = 2
+    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # the ASPP branches' dilations
+    input_size: int = 320  # images are resized to this longest side, for training (then scaled) and prediction
     crop_size: int = 256  # training crops (padded with ignore where the scaled image is smaller)
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random rescaling in training
-    epochs: int = 10
-    batch_size: int = 8
+    epochs: int = 8  # passes over the pseudo-masks
+    batch_size: int = 8  # crops per optimiser step
     lr: float = 1e-3  # AdamW, head; cosine schedule with a short warm-up
-    backbone_lr_mult: float = 0.3
-    weight_decay: float = 1e-4
-    workers: int = 0
+    backbone_lr_mult: float = 0.3  # the pretrained backbone learns at lr x this
+    weight_decay: float = 1e-4  # AdamW's
+    workers: int = 0  # data-loader worker processes (0 = load in the main process)
     fast_cpu_convs: bool = True  # dilated convolutions with a written-out CPU backward (pipeline/models/convs.py)
     flip_test: bool = True  # predictions average the image and its mirror image
     # multi-scale testing: predictions average the resized image scaled by each factor (each costs a forward;
     # docs/experiments.md)
-    test_scales: list[float] = field(default_factory=lambda: [1.0])
-    crf: bool = False  # dense-CRF post-processing of predictions (kernels of refine.crf); scored beside raw
+    test_scales: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5])
+    crf: bool = True  # dense-CRF post-processing of predictions (kernels of refine.crf); scored beside raw
 
 
 @dataclass
@@ -294,7 +296,7 @@ class FaithfulnessConfig:
     """Average Drop / Increase in Confidence, deletion / insertion AUC, energy pointing game of every per-image
     map method; see pipeline/metrics/faithfulness.py."""
 
-    enabled: bool = True
+    enabled: bool = True  # score the maps' faithfulness in evaluate
     limit: int | None = 50  # images, spread evenly over the maps' images (None = all of them)
     steps: int = 16  # deletion / insertion curves: pixels removed or inserted in this many equal steps
     batch: int = 32  # perturbed images per forward (on CPU also at most 2^18 pixels): bounds memory
@@ -305,6 +307,7 @@ class FaithfulnessConfig:
 
 @dataclass
 class EvaluateConfig:
+    # background thresholds tried on the maps (with a background class)
     sweep: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
 
@@ -320,10 +323,10 @@ class ReportConfig:
 
 @dataclass
 class Config:
-    name: str = "default"
-    run_dir: str = "runs/default"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    name: str = "default"  # the run's name, shown in the report
+    run_dir: str = "runs/default"  # the run folder: every stage's outputs
+    seed: int = 0  # every random choice is seeded from it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA (bf16 autocast) when present, else CPU
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
@@ -430,16 +433,40 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return validate(_build(Config, values))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    path = Path(path)
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key, any other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of the YAML file ``path``, on top of those of the file its ``extends:`` names (a path relative to
+    ``path``'s folder), recursively, as mmseg's ``_base_``."""
     if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{chain[-1]}: extends {path}, which is not found" if chain else
+                          f"{path}: config file not found")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain))}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: config key 'extends': expected the path of another config, got {base!r}")
+    return _merged(_read_yaml(path.parent / base, (*chain, path.resolve())), values)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config of the YAML file ``path`` (with what it ``extends:``), ``overrides`` (dotted keys) on top."""
+    path = Path(path)
+    values = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, last = dotted.split(".")

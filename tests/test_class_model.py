@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import on_tiny
 from PIL import Image
 from torch import nn
 
@@ -108,7 +109,7 @@ def test_class_model_under_maps_methods_is_a_one_line_error(tiny_voc, tmp_path, 
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"kind": "voc", "root": str(tiny_voc(background=True))},
            "maps": {"methods": ["cam", "class_model"]}}
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     assert main(["make_maps", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: config key 'maps.methods': 'class_model' is a run-once visualisation, not a map method; "
@@ -122,7 +123,7 @@ def test_make_maps_writes_grid_once_and_evaluate_skips_it(tiny_voc, tmp_path, ca
            "maps": {"methods": ["cam"], "visualizations": ["class_model"], "class_model": {"steps": 10, "size": 24}},
            "refine": {"refiners": ["threshold"], "workers": "1"}, "segmenter": {"enabled": False}}
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     assert main(["all", "--config", str(path)]) == 0
     maps = tmp_path / "run" / "maps"
     scores = json.loads((maps / "class_model.json").read_text())

@@ -131,3 +131,34 @@ def test_a_folder_dataset_without_a_hold_out_names_the_keys(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {root / 'splits' / 'val.txt'}: split file not found, and data.val_fraction is 0: no "
                    "images are held out; raise data.val_fraction or set data.val_split: \"\""]
+
+
+def test_a_config_extends_another_and_states_only_what_differs(tmp_path):
+    from pipeline.config import load_config
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("name: a\nclassifier: {epochs: 3, lr: 0.01}\n"
+                                              "maps: {scales: [1.0, 2.0]}\n")
+    (tmp_path / "b.yaml").write_text("extends: base/a.yaml\nname: b\nclassifier: {epochs: 5}\nmaps: {scales: [1.5]}\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\nclassifier: {batch_size: 4}\n")
+    cfg = load_config(tmp_path / "c.yaml", {"classifier.lr": 0.02})
+    assert cfg.name == "b" and cfg.maps.scales == [1.5]  # a list replaces
+    assert (cfg.classifier.epochs, cfg.classifier.lr, cfg.classifier.batch_size) == (5, 0.02, 4)  # sections merge
+    assert cfg.classifier.backbone == "tf_efficientnet_lite0"  # the rest: the recipe's defaults
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(Exception, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(Exception, match=r"gone.yaml: extends .*nowhere.yaml, which is not found"):
+        load_config(tmp_path / "gone.yaml")
+
+
+def test_the_shipped_configs_state_their_data_and_what_differs():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        load_config(path)  # each is valid
+        assert len(path.read_text().splitlines()) <= 40, path
+    assert len(Path(__file__).resolve().parents[1].joinpath("configs/msrc21.yaml").read_text().splitlines()) <= 10

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import on_tiny
 
 from pipeline.distributed import DistContext, GlobalBatchSampler, epoch_permutation
 from pipeline.errors import ConfigError
@@ -58,7 +59,7 @@ def write_config(base: Path, name: str, **classifier) -> Path:
     cfg = {**CONFIG, "run_dir": str(base / name), "data": {**CONFIG["data"], "root": str(base / "data")},
            "classifier": {**CONFIG["classifier"], **classifier}}
     path = base / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     return path
 
 
@@ -148,7 +149,7 @@ def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
     assert rel_norm(weights(single), weights(run_dir)) < 0.05
     # rank 0 alone logs and writes: one line per epoch, the outputs of one run, no leftovers
     assert "cpu x 2 processes" in log and log.count("epoch 2/2  loss") == 1 and log.count("train_classifier: ") == 2
-    assert sorted(p.name for p in run_dir.iterdir()) == ["classifier.pt", "config.yaml", "plots",
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "classifier.pt", "config.yaml", "plots",
                                                          "train_classifier.done.json", "train_log.json"]
 
 
@@ -237,7 +238,7 @@ def test_ddp_two_processes_train_the_single_process_segmenter(base):
     for name in ("seg_single", "seg_ddp2"):
         configs[name] = write_config(base, name)
         cfg = yaml.safe_load(configs[name].read_text())
-        configs[name].write_text(yaml.safe_dump({**cfg, "segmenter": SEGMENTER}))
+        configs[name].write_text(yaml.safe_dump(on_tiny({**cfg, "segmenter": SEGMENTER})))
     assert main(["train_segmenter", "--config", str(configs["seg_single"])]) == 0
     log = run(torchrun(2, "-m", "stages.cli", "train_segmenter", "--config", str(configs["seg_ddp2"])),
               base / "seg_ddp2.log")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import on_tiny
 
 from pipeline.runfolder import read_json, write_json
 from stages.cli import main
@@ -33,7 +34,7 @@ RAY = ["maps.executor=ray", "refine.executor=ray"]
 def write_config(base: Path, name: str) -> Path:
     cfg = {**CONFIG, "run_dir": str(base / name), "data": {**CONFIG["data"], "root": str(base / "data")}}
     path = base / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     return path
 
 

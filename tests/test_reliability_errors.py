@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import on_tiny
 from PIL import Image
 
 from pipeline.config import load_config
@@ -37,7 +38,7 @@ def write_config(path: Path, root: Path, run: Path, **sections) -> Path:
                          "input_size": 32, "crop_size": 32, "epochs": 1, "batch_size": 2}}
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    path.write_text(yaml.safe_dump(on_tiny(cfg), allow_unicode=True), encoding="utf-8")
     return path
 
 
@@ -258,7 +259,7 @@ def test_no_error_labels_csv_with_byte_order_mark(voc):
 ])
 def test_invalid_config_key_or_value(tmp_path, capsys, values, overrides, message):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **values}))
+    cfg.write_text(yaml.safe_dump(on_tiny({"run_dir": str(tmp_path / "run"), **values})))
     assert message in error_line(capsys, "train_classifier", "--config", str(cfg), "--set", *overrides)
     assert not (tmp_path / "run").exists()  # nothing written before the config is valid
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import on_tiny
 
 from pipeline.refine import REFINERS, get_refiner
 from pipeline.workers import WorkerFailed, run_pool
@@ -38,7 +39,7 @@ def mapped_run(tmp_path_factory) -> Path:
            "refine": {"refiners": ["crf", "graphcut"], "workers": "2"},
            "segmenter": {"enabled": False}}
     path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     for stage in ("train_classifier", "make_maps"):
         assert main([stage, "--config", str(path)]) == 0
     return path

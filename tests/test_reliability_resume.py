@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import on_tiny
 from PIL import Image
 
 from pipeline.models.backbones import create_backbone
@@ -70,7 +71,7 @@ def write_config(base: Path, name: str, config: dict = CONFIG) -> Path:
     cfg = {**config, "run_dir": str(base / name),
            "data": {**config["data"], "root": str(base / "data")}}
     path = base / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import on_tiny
 
 from pipeline.config import load_config
 from pipeline.report import build_report
@@ -48,7 +49,7 @@ def small_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("report")
     cfg = {**SMALL, "run_dir": str(base / "run"), "data": {**SMALL["data"], "root": str(base / "data")}}
     path = base / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     run_stages(path)
     return base / "run", path
 
@@ -136,7 +137,7 @@ def test_report_of_a_run_without_ground_truth(tiny_voc, tmp_path):
            "maps": {"flip": False}, "refine": {"workers": "1", "refiners": ["threshold"]},
            "evaluate": {"faithfulness": {"steps": 4}}}
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     run_stages(path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "maps" not in metrics and metrics["faithfulness"]["cam"]["energy_pointing_game"] is None

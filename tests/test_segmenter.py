@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import on_tiny
 from PIL import Image
 
 from pipeline.config import CRFConfig
@@ -191,7 +192,7 @@ def tiny_config(tmp_path, root, **segmenter) -> str:
            "segmenter": {"backbone": "smallcnn", "pretrained": "none", "channels": 8, "atrous_rates": [1, 2, 3],
                          "input_size": 32, "crop_size": 32, "epochs": 2, "batch_size": 2, **segmenter}}
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
     return str(path)
 
 
