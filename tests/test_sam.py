@@ -328,3 +328,28 @@ def test_refine_split_two_workers_with_prepare(tmp_path):
         disc = images[s.id][1]
         assert set(np.unique(label)) <= {0, 1}
         assert ((label == 0) & disc).sum() / ((label == 0) | disc).sum() >= 0.9
+
+
+def test_the_runner_gives_sam_the_dataset_class_names(tmp_path, monkeypatch):
+    """refine_label passes the dataset's class names to a refiner registered with names=True, so a stuff class
+    (grass) is told apart by its name, in a pool worker as in the main process."""
+    from pipeline.maps.io import save_maps
+    from pipeline.refine.runner import _Job, refine_label
+
+    image, _, blob = _scene(size=48)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    names = ("cow", "grass", "sky")
+    save_maps(tmp_path / "a.npz", np.stack([blob, 1.0 - blob]), [0, 1], list(names))
+    seen = {}
+
+    def fake_labels(maps, classes, image, background, cfg, fallback, model, emb, class_names):
+        seen["rows"] = samr._stuff_rows(np.asarray(classes), class_names, cfg.sam)
+        return fallback
+
+    monkeypatch.setattr(samr, "load_model", lambda *a: None)
+    monkeypatch.setattr(samr, "embedding", lambda *a: None)
+    monkeypatch.setattr(samr, "sam_labels", fake_labels)
+    job = _Job("sam", tmp_path / "a.npz", tmp_path / "a.png", tmp_path / "out.png", names, False, RefineConfig())
+    assert get_refiner("sam").names and not get_refiner("graphcut").names
+    assert set(np.unique(refine_label(job))) <= {0, 1}
+    assert seen["rows"] == [1]  # grass, by name

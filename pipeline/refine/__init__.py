@@ -5,6 +5,8 @@ background: bool, cfg: RefineConfig) -> uint8 [H,W]`` and never writes a class o
 A refiner registered with ``cache=True`` is also given ``cache: Path | None``, keyword-only: a path stem
 unique to the image inside the run folder (``<run>/cache/<refiner>/<image id>``), where it may keep what
 depends only on the image (e.g. an encoder's embedding) across runs; ``None`` means no caching.
+A refiner registered with ``names=True`` is also given ``class_names``, keyword-only: the dataset's class names,
+indexed by ``classes`` (e.g. to treat stuff classes apart).
 Such a refiner may also have ``prepare(images: list[Path], caches: list[Path], cfg: RefineConfig, device: str)``,
 which the runner calls once in the main process before the per-image jobs, with the images still to refine and
 their cache stems: it fills the caches in batches (e.g. an image encoder on the GPU, in mixed precision).
@@ -43,6 +45,7 @@ class Refiner:
     needs_image: bool
     cache: bool = False
     prepare: Callable[..., None] | None = None
+    names: bool = False
 
 
 REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
@@ -50,9 +53,9 @@ get_refiner = REFINERS.get
 
 
 def register_refiner(name: str, needs_image: bool = False, cache: bool = False,
-                     prepare: Callable[..., None] | None = None):
+                     prepare: Callable[..., None] | None = None, names: bool = False):
     def deco(fn):
-        REFINERS.add(name, Refiner(fn, needs_image, cache, prepare))
+        REFINERS.add(name, Refiner(fn, needs_image, cache, prepare, names))
         return fn
 
     return deco

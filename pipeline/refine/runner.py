@@ -47,7 +47,8 @@ def refine_label(job: _Job) -> np.ndarray:
     maps, classes = load_maps(job.map_path, list(job.class_names))
     image = read_image(job.image_path) if refiner.needs_image else None
     try:
-        extra = {"cache": job.cache} if refiner.cache else {}
+        extra = ({"cache": job.cache} if refiner.cache else {}) | (
+            {"class_names": job.class_names} if refiner.names else {})
         label = refiner.fn(maps, classes, image, job.background, job.cfg, **extra)
     except DataError as exc:
         raise DataError(f"{job.map_path}: {exc}") from None

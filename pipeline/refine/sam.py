@@ -405,21 +405,6 @@ def _stuff_rows(classes: np.ndarray, class_names: Sequence[str] | None, s: SamCo
     return [k for k, c in enumerate(classes) if str(class_names[int(c)]).lower() in stuff]
 
 
-def _names_from_run(cache: Path | None) -> list[str] | None:
-    """The class names of the run whose cache stem is ``<run>/cache/sam/<id>``, from that image's map file (the
-    refiner call carries class indices only)."""
-    if cache is None:
-        return None
-    run = cache.parent.parent.parent
-    for path in sorted((run / "maps").glob(f"*/{cache.name}.npz")):
-        try:
-            with np.load(path) as f:
-                return [str(n) for n in f["class_names"]]
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
 def sam_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray, background: bool, cfg: RefineConfig,
                fallback: np.ndarray, model: SamModel, emb, class_names: Sequence[str] | None = None) -> np.ndarray:
     """The refiner's label map from a loaded model, the image's embedding and the fallback's label map."""
@@ -437,7 +422,7 @@ def sam_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray, backgro
     return prompt_labels(maps, classes, background, fallback, decode, s, rows)
 
 
-@register_refiner("sam", needs_image=True, cache=True, prepare=encode_images)
+@register_refiner("sam", needs_image=True, cache=True, prepare=encode_images, names=True)
 def sam(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool, cfg: RefineConfig, *,
         cache: Path | None = None, class_names: Sequence[str] | None = None) -> np.ndarray:
     check_config(cfg)
@@ -451,7 +436,5 @@ def sam(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, backgro
     if maps.shape[0] == 0 or not (maps > 0).any():
         return fallback
     model = load_model(cfg.sam, "cpu")
-    if class_names is None:
-        class_names = _names_from_run(cache)
     return sam_labels(maps, classes, image, background, cfg, fallback, model, embedding(image, model, cache),
                       class_names)
