@@ -632,4 +632,13 @@ def validate(cfg: Config) -> Config:
             if name not in cfg.refine.refiners:
                 raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
                                   f"{cfg.refine.refiners}")
+    sam = cfg.refine.sam
+    if sam.fallback == "sam":
+        raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
+                          "refiner (graphcut, crf, threshold)")
+    get_refiner(sam.fallback, "refine.sam.fallback")
+    if sam.mode == "automatic" and (sam.checkpoint == "packaged" or sam.model_type == "lite_medsam"):
+        raise ConfigError("config key 'refine.sam.mode': automatic needs a model with an automatic mask generator "
+                          "(an official Segment Anything checkpoint in refine.sam.checkpoint with refine.sam.model_type"
+                          " vit_b, vit_l or vit_h); LiteMedSAM takes boxes only: use mode prompt")
     return cfg

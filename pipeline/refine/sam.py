@@ -217,19 +217,6 @@ def load_model(s: SamConfig, device: Any = "cpu") -> SamModel:
     return _MODELS[key]
 
 
-def check_config(cfg: RefineConfig) -> None:
-    """The ``refine.sam`` choices that do not fit together: one ``ConfigError`` line each."""
-    s = cfg.sam
-    if s.fallback == "sam":
-        raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
-                          "refiner (graphcut, crf, threshold)")
-    get_refiner(s.fallback, "refine.sam.fallback")
-    if s.mode == "automatic" and (s.checkpoint == PACKAGED or s.model_type == "lite_medsam"):
-        raise ConfigError("config key 'refine.sam.mode': automatic needs a model with an automatic mask generator "
-                          "(an official Segment Anything checkpoint in refine.sam.checkpoint with refine.sam.model_type"
-                          " vit_b, vit_l or vit_h); LiteMedSAM takes boxes only: use mode prompt")
-
-
 # ----------------------------------------------------------------------------- embeddings and their cache
 
 
@@ -282,7 +269,6 @@ def encode_images(images: list[Path], caches: list[Path], cfg: RefineConfig, dev
     from pipeline.data import read_image
     from pipeline.device import autocast, resolve_device
 
-    check_config(cfg)
     dev = resolve_device(device)
     model = load_model(cfg.sam, dev)
     todo = [(p, cache_file(c, model)) for p, c in zip(images, caches, strict=True)
@@ -425,7 +411,6 @@ def sam_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray, backgro
 @register_refiner("sam", needs_image=True, cache=True, prepare=encode_images, names=True)
 def sam(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, background: bool, cfg: RefineConfig, *,
         cache: Path | None = None, class_names: Sequence[str] | None = None) -> np.ndarray:
-    check_config(cfg)
     if image is None:
         raise ValueError("sam needs the image")
     if image.shape[:2] != maps.shape[1:]:
