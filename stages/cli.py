@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the stage to run, all of them in order, or predict (a trained segmenter on a folder)")
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys (repeatable: every --set counts)")
     predict = parser.add_argument_group("predict")
     predict.add_argument("--images", help="folder of images to segment")
     predict.add_argument("--out", help="output folder: masks/<image>.png, overlays/<image>.jpg, legend.json")

@@ -75,6 +75,17 @@ def test_a_value_out_of_range_is_one_line_naming_the_key(tmp_path, capsys, setti
     assert not run.exists() and not (tmp_path / "data").exists()  # refused before anything was written
 
 
+def test_every_set_flag_counts(tmp_path, capsys):
+    """``--set a=1 --set b=2`` applies both: the bad value of the first --set is refused, not dropped."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"root": str(tmp_path / "data")}}))
+    missing = ["--set", "data.kind=voc"]  # alone: fails at once on the missing dataset folder
+    assert main(["all", "--config", str(config), "--set", "classifier.epochs=0", *missing]) == 2
+    assert "config key 'classifier.epochs'" in capsys.readouterr().err
+    assert main(["all", "--config", str(config), *missing, "--set", "classifier.lr=-1"]) == 2
+    assert "config key 'classifier.lr'" in capsys.readouterr().err
+
+
 def _folder_dataset(root, n: int = 20) -> None:
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
