@@ -1,8 +1,9 @@
 """Refinement speed: images/s of every registered refiner with 1 and 2 (or N) worker processes.
 
 Self-contained: coarse class maps are made from MSRC-21 ground truth (one-hot masks pooled to stride
-16, blurred and upsampled, as a CAM looks), so no earlier run is needed. Writes bench/refine.json. The ``sam`` refiner runs without its
-embedding cache, so its figure includes the image encoder and its graphcut fallback.
+16, blurred and upsampled, as a CAM looks), so no earlier run is needed. Writes bench/refine.json.
+The ``sam`` refiner runs without its embedding cache, so its figure includes the image encoder and its
+graphcut fallback.
 
     .venv/bin/python -m bench.bench_refine [--images 120] [--workers 1 2] [--refiners crf graphcut]
 """
