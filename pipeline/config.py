@@ -232,7 +232,8 @@ class AffinityConfig:
     accumulate: int = 8  # images per optimiser step
     beta: float = 16.0  # transition weights a^beta: sharper edges
     steps: int = 16  # random-walk steps
-    refiners: list[str] = field(default_factory=lambda: ["graphcut"])  # refine the walked maps -> refined/<r>_rw
+    # refine the walked maps -> refined/<r>_rw; sam: docs/experiments.md#sam-on-msrc-21
+    refiners: list[str] = field(default_factory=lambda: ["graphcut", "sam"])
 
 
 @dataclass

@@ -45,13 +45,13 @@ def tiny_voc(tmp_path):
 
 
 # The recipe's defaults (pipeline/config.py) are for real photos: EfficientNet-Lite0 with packaged weights,
-# three scales, the affinity stage, a segmenter at 320 px with multi-scale, CRF-scored predictions. The tests'
-# tiny runs start from this small CPU recipe instead, and state what they change.
+# three scales, the affinity stage (graphcut and sam on the walked maps), a segmenter at 320 px with multi-scale,
+# CRF-scored predictions. The tests' tiny runs start from this small CPU recipe instead, and state what they change.
 TINY = {
     "classifier": {"backbone": "smallcnn", "pretrained": "none", "input_size": 128, "epochs": 12, "batch_size": 32,
                    "lr": 3e-3, "backbone_lr_mult": 1.0},
     "maps": {"scales": [1.0]},
-    "affinity": {"enabled": False},
+    "affinity": {"enabled": False, "refiners": ["graphcut"]},
     "segmenter": {"frozen_stages": 0, "input_size": 256, "epochs": 10, "test_scales": [1.0], "crf": False},
 }
 

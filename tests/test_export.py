@@ -16,8 +16,10 @@ from tests.test_reliability_errors import CLASSES, TRAIN_LABELS, error_line, wri
 
 
 def test_auto_picks_the_walked_sets_first_then_graphcut_crf_threshold():
-    assert AUTO_ORDER == ["graphcut", "crf", "threshold"]
-    assert auto_order() == ["graphcut_rw", "crf_rw", "threshold_rw", "graphcut", "crf", "threshold"]
+    assert AUTO_ORDER == ["sam", "graphcut", "crf", "threshold"]
+    assert auto_order() == ["sam_rw", "graphcut_rw", "crf_rw", "threshold_rw", "sam", "graphcut", "crf", "threshold"]
+    assert export_refiner("auto", ["graphcut", "sam", "graphcut_rw", "sam_rw"]) == "sam_rw"
+    assert export_refiner("auto", ["graphcut", "sam", "graphcut_rw"]) == "graphcut_rw"
     assert export_refiner("auto", ["threshold", "crf", "graphcut"]) == "graphcut"
     assert export_refiner("auto", ["threshold", "crf"]) == "crf"
     assert export_refiner("auto", ["threshold", "crf", "graphcut", "graphcut_rw"]) == "graphcut_rw"
