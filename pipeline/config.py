@@ -232,7 +232,7 @@ class AffinityConfig:
     accumulate: int = 8  # images per optimiser step
     beta: float = 16.0  # transition weights a^beta: sharper edges
     steps: int = 16  # random-walk steps
-    # refine the walked maps -> refined/<r>_rw; sam: docs/experiments.md#sam-on-msrc-21
+    # refine the walked maps -> refined/<r>_rw; sam measured better than graphcut on photos (docs/sam.md#msrc-21)
     refiners: list[str] = field(default_factory=lambda: ["graphcut", "sam"])
 
 
@@ -624,6 +624,7 @@ def validate(cfg: Config) -> Config:
     if workers != "auto" and not (workers.lstrip("-").isdigit() and int(workers) >= 1):
         raise _fail("refine.workers", "auto or an integer >= 1", workers)
     from pipeline.refine import get_refiner  # here: the refiners' modules import this one
+    from pipeline.refine.sam import PACKAGED
 
     for key in ("refine.refiners", "affinity.refiners"):
         for name in _get(cfg, key):
@@ -638,7 +639,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
                           "refiner (graphcut, crf, threshold)")
     get_refiner(sam.fallback, "refine.sam.fallback")
-    if sam.mode == "automatic" and (sam.checkpoint == "packaged" or sam.model_type == "lite_medsam"):
+    if sam.mode == "automatic" and (sam.checkpoint == PACKAGED or sam.model_type == "lite_medsam"):
         raise ConfigError("config key 'refine.sam.mode': automatic needs a model with an automatic mask generator "
                           "(an official Segment Anything checkpoint in refine.sam.checkpoint with refine.sam.model_type"
                           " vit_b, vit_l or vit_h); LiteMedSAM takes boxes only: use mode prompt")

@@ -141,12 +141,7 @@ class _Actor:
             self.error = exc
 
     def run(self, items: list[tuple[int, Any]]) -> list[tuple[int, Any]] | _Failure:
-        if self.error is not None:
-            return _Failure(self.error)
-        try:
-            return [(i, self.fn(item)) for i, item in items]
-        except UserError as exc:
-            return _Failure(exc)
+        return _Failure(self.error) if self.error is not None else _run_shard(self.fn, items)
 
 
 def ray_actors(factory: Callable[..., Callable[[Any], Any]], args: tuple, jobs: list, rc: RayConfig, key: str,
