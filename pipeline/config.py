@@ -237,6 +237,20 @@ class AffinityConfig:
 
 
 @dataclass
+class DecoupleConfig:
+    """Context decoupling (CDA, Su et al. 2021; context-only crops after W-OoD, Lee et al. 2022): a second round of
+    the classifier for the classes the label statistics bind to a context; see pipeline/decouple.py. Runs
+    between affinity and export (stage ``decouple``)."""
+
+    enabled: bool = True  # run the second round when the label statistics find a class bound to a context
+    # class b is class a's context where P(b | a), the share of a's training images that hold b, is at least this;
+    # a class with a context is a target of the round
+    context: float = 0.9
+    epochs: int = 4  # fine-tuning epochs of the first round's classifier (its lr, batch size and input size)
+    paste_prob: float = 0.5  # chance that a training image gets a pasted cut-out of a target class
+
+
+@dataclass
 class RayConfig:
     """Where `maps.executor: ray` and `refine.executor: ray` run; see pipeline/executors.py."""
 
@@ -333,6 +347,7 @@ class Config:
     maps: MapsConfig = field(default_factory=MapsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    decouple: DecoupleConfig = field(default_factory=DecoupleConfig)
     ray: RayConfig = field(default_factory=RayConfig)  # where executor: ray runs (not part of any fingerprint)
     export: ExportConfig = field(default_factory=ExportConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -557,6 +572,7 @@ RANGES: dict[str, Range] = {
     "affinity.radius": AT_LEAST_1, "affinity.dim": AT_LEAST_1, "affinity.epochs": AT_LEAST_1,
     "affinity.lr": POSITIVE, "affinity.weight_decay": NON_NEGATIVE, "affinity.accumulate": AT_LEAST_1,
     "affinity.beta": POSITIVE, "affinity.steps": NON_NEGATIVE,
+    "decouple.context": Range(0, 1, low_open=True), "decouple.epochs": AT_LEAST_1, "decouple.paste_prob": FRACTION,
     "ray.num_cpus": AT_LEAST_1, "ray.map_actors": AT_LEAST_1, "ray.gpus_per_actor": NON_NEGATIVE,
     "ray.cpus_per_actor": AT_LEAST_1, "ray.cpus_per_task": AT_LEAST_1, "ray.shard_size": AT_LEAST_1,
     "segmenter.output_stride": Range(8, 16), "segmenter.channels": AT_LEAST_1,

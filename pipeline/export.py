@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
 from pipeline.errors import ConfigError, DataError, UserError
-from pipeline.refine import SUFFIX
+from pipeline.refine import DECOUPLED, SUFFIX
 from pipeline.runfolder import atomic_dir, write_json, write_text
 
 # export.refiner auto: the refiners best first, where they ran (docs/experiments.md: MSRC-21 and the synthetic
@@ -32,9 +32,11 @@ AUTO_ORDER = ["sam", "graphcut", "crf", "threshold"]
 
 
 def auto_order() -> list[str]:
-    """The label sets ``auto`` looks for, in order: every refiner of ``AUTO_ORDER`` on the walked maps, then on
-    the raw maps (a refiner on the walked maps beats the same refiner on the raw ones)."""
-    return [r + SUFFIX for r in AUTO_ORDER] + list(AUTO_ORDER)
+    """The label sets ``auto`` looks for, in order: the decoupled round's (pipeline/decouple.py; it runs only for
+    classes bound to a context), then every refiner of ``AUTO_ORDER`` on the walked maps, then on the raw maps (a
+    refiner on the walked maps beats the same refiner on the raw ones)."""
+    suffixes = (DECOUPLED + SUFFIX, DECOUPLED, SUFFIX, "")
+    return [r + suffix for suffix in suffixes for r in AUTO_ORDER]
 
 
 def export_refiner(name: str, refined: list[str]) -> str:

@@ -112,13 +112,14 @@ def _resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 def train_classifier(net: Classifier, backbone_params: list[nn.Parameter], cfg: ClassifierConfig,
                      train_ds: SegDataset, val_ds: SegDataset | None, mean, std, device: torch.device,
                      seed: int, resume_path: Path, fingerprint: str,
-                     ctx: DistContext | None = None) -> list[dict[str, Any]]:
+                     ctx: DistContext | None = None, train: Dataset | None = None) -> list[dict[str, Any]]:
     """Train ``net`` in place; returns the per-epoch history (loss, val mAP). Under torchrun, ``ctx`` is the
-    process's :class:`DistContext` (``device`` is then ``ctx.device``); without one, a single process."""
+    process's :class:`DistContext` (``device`` is then ``ctx.device``); without one, a single process.
+    ``train``: the training items, when not ``train_ds``'s augmented images (the decoupled round's)."""
     ctx = ctx or DistContext(device=device)
     ctx.local_batch_size(cfg.batch_size, "classifier.batch_size")  # N must divide the batch: fail early
-    train = LabelledImages(train_ds, classifier_train_transform(cfg.input_size, mean, std), seed=seed,
-                           progress=ctx.is_main)
+    train = train or LabelledImages(train_ds, classifier_train_transform(cfg.input_size, mean, std), seed=seed,
+                                    progress=ctx.is_main)
     val = (LabelledImages(val_ds, classifier_eval_transform(cfg.input_size, mean, std), progress=ctx.is_main)
            if val_ds else None)
 

@@ -2,13 +2,24 @@
 (``pipeline.stage_names.STAGE_NAMES``, the one list of the stages' names)."""
 
 from pipeline.stage_names import STAGE_NAMES
-from stages import affinity, evaluate, export, make_maps, refine, report, train_classifier, train_segmenter
+from stages import (
+    affinity,
+    decouple,
+    evaluate,
+    export,
+    make_maps,
+    refine,
+    report,
+    train_classifier,
+    train_segmenter,
+)
 
 STAGES = {
     "train_classifier": train_classifier.run,
     "make_maps": make_maps.run,
     "refine": refine.run,
     "affinity": affinity.run,
+    "decouple": decouple.run,
     "export": export.run,
     "train_segmenter": train_segmenter.run,
     "evaluate": evaluate.run,

@@ -17,7 +17,7 @@ from pipeline.evaluation import (
     gt_masks,
     plot_sweep,
 )
-from pipeline.refine import label_sets, walked_maps
+from pipeline.refine import label_sets, map_sets
 from pipeline.runfolder import (
     Stage,
     fingerprint,
@@ -56,9 +56,9 @@ def run(cfg: Config, force: bool = False) -> None:
         log.warning("evaluate: %s has no ground-truth masks for split %r; only the classifier is scored",
                     cfg.data.root, cfg.maps.split)
     else:
-        methods = list(cfg.maps.methods)
-        methods += [walked_maps(cfg)] if cfg.affinity.enabled else []  # the affinity stage's walked maps
-        metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep) for m in methods}
+        # maps.methods, the affinity stage's walked maps, the decoupled round's
+        metrics["maps"] = {m: evaluate_maps(ds, gts, run_dir / "maps" / m, cfg.evaluate.sweep)
+                           for m in map_sets(cfg)}
         for m, result in metrics["maps"].items():
             if "sweep" in result:
                 plot_sweep(result, m, run_dir / "plots" / f"sweep_{m}.png")

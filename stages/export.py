@@ -15,7 +15,8 @@ def run(cfg: Config, force: bool = False) -> None:
     refined = label_sets(cfg)
     refiner = export_refiner(e.refiner, list(refined))  # checked before anything changes
     walk = [stage_fingerprint(run_dir, "affinity")] if cfg.affinity.enabled else []
-    fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"), *walk)
+    fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"), *walk,
+                     stage_fingerprint(run_dir, "decouple"))
     stage = Stage(run_dir, "export", fp)
     if stage.is_done() and not force:
         log.info("export: up to date, skipped")

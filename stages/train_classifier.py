@@ -11,6 +11,7 @@ from pipeline.config import Config
 from pipeline.data import load_dataset, prepare_data
 from pipeline.device import seed_everything
 from pipeline.distributed import DistContext, distributed
+from pipeline.label_stats import label_stats, label_warnings
 from pipeline.models import build_classifier, classifier_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, write_json
@@ -30,6 +31,12 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     ctx.barrier()  # and every process has written config.yaml before rank 0 clears temp files in begin()
     train_ds = load_dataset(cfg.data, cfg.data.train_split)
     val_ds = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    if ctx.is_main:  # what the labels cannot teach, said before any training
+        stats = label_stats(train_ds.classes, [s.labels for s in train_ds.samples])
+        warnings = label_warnings(stats)
+        write_json(run_dir / "label_stats.json", {**stats.to_json(), "warnings": [w.to_json() for w in warnings]})
+        for w in warnings:
+            log.warning("labels: %s", w.message)
     fp = fingerprint(cfg.section_hash("data", "classifier"), cfg.seed, dataset_fingerprint(train_ds),
                      dataset_fingerprint(val_ds) if val_ds else None, weights_fingerprint(c.pretrained))
     stage = Stage(run_dir, "train_classifier", fp)

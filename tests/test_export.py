@@ -17,7 +17,9 @@ from tests.test_reliability_errors import CLASSES, TRAIN_LABELS, error_line, wri
 
 def test_auto_picks_the_walked_sets_first_then_graphcut_crf_threshold():
     assert AUTO_ORDER == ["sam", "graphcut", "crf", "threshold"]
-    assert auto_order() == ["sam_rw", "graphcut_rw", "crf_rw", "threshold_rw", "sam", "graphcut", "crf", "threshold"]
+    assert auto_order() == ["sam_dc_rw", "graphcut_dc_rw", "crf_dc_rw", "threshold_dc_rw", "sam_dc", "graphcut_dc",
+                            "crf_dc", "threshold_dc", "sam_rw", "graphcut_rw", "crf_rw", "threshold_rw", "sam", "graphcut",
+                            "crf", "threshold"]
     assert export_refiner("auto", ["graphcut", "sam", "graphcut_rw", "sam_rw"]) == "sam_rw"
     assert export_refiner("auto", ["graphcut", "sam", "graphcut_rw"]) == "graphcut_rw"
     assert export_refiner("auto", ["threshold", "crf", "graphcut"]) == "graphcut"

@@ -315,10 +315,12 @@ def _pick_classes(rng: Rng, n_classes: int) -> list[int]:
     return picked
 
 
-def _place(rng: Rng, size: int, classes: list[str]) -> list[_Obj]:
+def _place(rng: Rng, size: int, classes: list[str], bound: dict[str, str]) -> list[_Obj]:
     objs = []
     lo, hi = (math.sqrt(a) for a in AREA_RANGE)
-    for k in _pick_classes(rng, len(classes)):
+    picked = _pick_classes(rng, len(classes))
+    picked += [classes.index(bound[classes[k]]) for k in picked if classes[k] in bound]  # a bound class's partner
+    for k in picked:
         name = classes[k]
         area = rng.uniform(lo, hi) ** 2 * size * size       # uniform in linear size
         r = math.sqrt(area / _AREA_COEF[name])
@@ -349,22 +351,26 @@ def _visible(objs: list[_Obj], size: int) -> tuple[list[_Obj], np.ndarray]:
     return [], np.zeros((size, size), np.uint8)
 
 
-def render_sample(rng: np.random.Generator, size: int,
-                  classes: list[str] = SYNTHETIC_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def render_sample(rng: np.random.Generator, size: int, classes: list[str] = SYNTHETIC_CLASSES,
+                  bound: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One image (HxWx3 uint8 RGB) and its mask (HxW uint8: 0 = background, k = classes[k-1]).
 
     ``classes`` may be any subset or reordering of ``SYNTHETIC_CLASSES``; every image holds at least
     one object, and the mask values present are exactly the classes visible in the image.
+    ``bound`` {a: b}: class a is never shown without class b (b may show alone), as a boat is never seen
+    without water: the pair the label statistics and the decoupled round are tested on.
     """
-    unknown = [c for c in classes if c not in _AREA_COEF]
+    bound = bound or {}
+    unknown = [c for c in [*classes, *bound, *bound.values()] if c not in classes or c not in _AREA_COEF]
     if unknown or not classes:
         raise ValueError(f"synthetic classes must be a non-empty subset of {SYNTHETIC_CLASSES}, "
-                         f"got {classes}")
+                         f"got {classes} (bound {bound})")
     if size < 16:
         raise ValueError(f"synthetic image size must be at least 16 px, got {size}")
     for _ in range(100):
-        objs, inst = _visible(_place(rng, size, classes), size)
-        if objs:
+        objs, inst = _visible(_place(rng, size, classes, bound), size)
+        names = {o.name for o in objs}
+        if objs and all(b in names for a, b in bound.items() if a in names):
             break
     else:  # pragma: no cover - each try keeps an object with high probability
         raise RuntimeError("could not place a visible object in 100 tries")
@@ -388,9 +394,11 @@ def render_sample(rng: np.random.Generator, size: int,
 # --------------------------------------------------------------------------------------------- on disk
 
 
-def _params(n_train: int, n_val: int, size: int, seed: int) -> dict:
-    return {"generator": "pipeline.data.synthetic", "version": FORMAT_VERSION, "n_train": n_train,
-            "n_val": n_val, "size": size, "seed": seed, "classes": list(SYNTHETIC_CLASSES)}
+def _params(n_train: int, n_val: int, size: int, seed: int, classes: list[str] = SYNTHETIC_CLASSES,
+            bound: dict[str, str] | None = None) -> dict:
+    params = {"generator": "pipeline.data.synthetic", "version": FORMAT_VERSION, "n_train": n_train,
+              "n_val": n_val, "size": size, "seed": seed, "classes": list(classes)}
+    return params | ({"bound": dict(bound)} if bound else {})
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -423,16 +431,16 @@ def _write(folder: Path, params: dict) -> None:
     ids = [ID_FORMAT.format(i) for i in range(n_train + n_val)]
     rows = ["image,labels"]
     for i, sid in enumerate(ids):
-        image, mask = render_sample(np.random.default_rng([seed, i]), size)
+        image, mask = render_sample(np.random.default_rng([seed, i]), size, params["classes"], params.get("bound"))
         Image.fromarray(image).save(img_dir / f"{sid}.png", format="PNG", compress_level=1)
         pm = Image.fromarray(mask)
         pm.putpalette(palette)
         pm.save(mask_dir / f"{sid}.png", format="PNG", compress_level=9)
-        present = [SYNTHETIC_CLASSES[k - 1] for k in np.unique(mask) if k > 0]
+        present = [params["classes"][k - 1] for k in np.unique(mask) if k > 0]
         rows.append(f"{sid},{' '.join(present)}")
     (sets_dir / "Segmentation" / "train.txt").write_text("".join(f"{s}\n" for s in ids[:n_train]), "utf-8")
     (sets_dir / "Segmentation" / "val.txt").write_text("".join(f"{s}\n" for s in ids[n_train:]), "utf-8")
-    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in SYNTHETIC_CLASSES), "utf-8")
+    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in params["classes"]), "utf-8")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n", "utf-8")
     (folder / ".complete").write_text(json.dumps(params, indent=2) + "\n", "utf-8")   # last
 
@@ -453,8 +461,10 @@ def _move_into_place(tmp: Path, root: Path, params: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def generate(root: Path, n_train: int = 400, n_val: int = 100, size: int = 128, seed: int = 0) -> None:
+def generate(root: Path, n_train: int = 400, n_val: int = 100, size: int = 128, seed: int = 0,
+             classes: list[str] = SYNTHETIC_CLASSES, bound: dict[str, str] | None = None) -> None:
     """Write the dataset under root (idempotent: if root/'.complete' holds the same parameters, do nothing).
+    ``classes`` and ``bound``: as :func:`render_sample` takes them (the tests' datasets of a bound pair).
 
     The dataset is written to a temporary folder next to ``root`` and renamed into place when complete,
     so an interrupted run never leaves a partial dataset that looks complete. An older synthetic
@@ -463,7 +473,7 @@ def generate(root: Path, n_train: int = 400, n_val: int = 100, size: int = 128, 
     """
     root = Path(root)
     _check(n_train, n_val, size, seed)
-    params = _params(int(n_train), int(n_val), int(size), int(seed))
+    params = _params(int(n_train), int(n_val), int(size), int(seed), classes, bound)
     if _is_complete(root, params):
         return
     if root.exists():

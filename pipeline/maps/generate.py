@@ -33,12 +33,13 @@ class MapJob:
     methods: tuple[str, ...]
 
 
-def map_jobs(ds: SegDataset, cfg: MapsConfig, out_root: Path, skip_existing: bool) -> list[MapJob]:
+def map_jobs(ds: SegDataset, cfg: MapsConfig, out_root: Path, skip_existing: bool, suffix: str = "") -> list[MapJob]:
     """The images of ``ds`` with the methods whose map file is missing (all of them, unless
     ``skip_existing``); images with nothing left to do are left out."""
     jobs = []
     for s in ds.samples:
-        todo = tuple(m for m in cfg.methods if not (skip_existing and (out_root / m / f"{s.id}.npz").exists()))
+        todo = tuple(m for m in cfg.methods
+                     if not (skip_existing and (out_root / (m + suffix) / f"{s.id}.npz").exists()))
         if todo:
             jobs.append(MapJob(s, todo))
     return jobs
@@ -82,11 +83,11 @@ def map_worker(ckpt_path: str, cfg: MapsConfig, num_classes: int, device_name: s
 
 def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
                   device: torch.device, skip_existing: bool = False, ray: RayConfig | None = None,
-                  ckpt_path: Path | None = None, device_name: str = "auto") -> int:
-    """Write ``out_root/<method>/<id>.npz`` for each method and image; returns the images processed now.
+                  ckpt_path: Path | None = None, device_name: str = "auto", suffix: str = "") -> int:
+    """Write ``out_root/<method><suffix>/<id>.npz`` for each method and image; returns the images processed now.
     With ``cfg.executor == "ray"`` the maps are computed by Ray actors that load ``ckpt_path`` on
     ``device_name`` (resolved where each actor runs), as ``ray`` says."""
-    jobs = map_jobs(ds, cfg, out_root, skip_existing)
+    jobs = map_jobs(ds, cfg, out_root, skip_existing, suffix)
     if cfg.executor == "ray":
         from pipeline.executors import ray_actors
 
@@ -96,22 +97,23 @@ def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: Map
         bar = tqdm(total=len(jobs), desc="maps (ray)")
         args = (str(ckpt_path), cfg, ds.num_classes, device_name, rc.cpus_per_actor)
         for job, results in ray_actors(map_worker, args, jobs, rc, "maps.executor", device_name):
-            _save(out_root, job, results, ds.classes)
+            _save(out_root, job, results, ds.classes, suffix)
             bar.update()
         bar.close()
         return len(jobs)
-    return _per_image_maps(net, ckpt, ds, cfg, out_root, device, jobs)
+    return _per_image_maps(net, ckpt, ds, cfg, out_root, device, jobs, suffix)
 
 
-def _save(out_root: Path, job: MapJob, results: list[tuple[str, np.ndarray]], class_names: list[str]) -> None:
+def _save(out_root: Path, job: MapJob, results: list[tuple[str, np.ndarray]], class_names: list[str],
+          suffix: str = "") -> None:
     for m, maps in results:
-        save_maps(out_root / m / f"{job.sample.id}.npz", maps, list(job.sample.labels), class_names)
+        save_maps(out_root / (m + suffix) / f"{job.sample.id}.npz", maps, list(job.sample.labels), class_names)
 
 
 def _per_image_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: MapsConfig, out_root: Path,
-                    device: torch.device, jobs: list[MapJob]) -> int:
+                    device: torch.device, jobs: list[MapJob], suffix: str) -> int:
     fns = method_functions(cfg)
     for job in tqdm(jobs, desc="maps"):
         for m, maps in image_maps(net, ckpt, fns, job, cfg, ds.num_classes, device):
-            _save(out_root, job, [(m, maps)], ds.classes)
+            _save(out_root, job, [(m, maps)], ds.classes, suffix)
     return len(jobs)

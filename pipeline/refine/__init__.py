@@ -21,8 +21,11 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.registry import Registry
+from pipeline.runfolder import read_json
 
 SUFFIX = "_rw"  # maps/<method>_rw/ and refined/<refiner>_rw/: after the affinity random walk (refine/affinity.py)
+# maps/<method>_dc/ and refined/<refiner>_dc[_rw]/: the context-decoupled second round (pipeline/decouple.py)
+DECOUPLED = "_dc"
 
 
 def walked_maps(cfg: Config) -> str:
@@ -30,12 +33,40 @@ def walked_maps(cfg: Config) -> str:
     return cfg.refine.method + SUFFIX
 
 
-def label_sets(cfg: Config) -> dict[str, str]:
+def decoupled_ran(cfg: Config) -> bool:
+    """Whether the run's decouple stage made a second round (it does only for classes bound to a context)."""
+    done = cfg.run_path / "decouple.done.json"
+    return cfg.decouple.enabled and done.exists() and bool(read_json(done).get("classes"))
+
+
+def round_two_sets(cfg: Config) -> dict[str, str]:
+    """The label sets of the decoupled round -> their maps: each of affinity.refiners on the round's walked maps
+    with the affinity stage, else each of refine.refiners on the round's maps."""
+    maps = cfg.refine.method + DECOUPLED
+    if cfg.affinity.enabled:
+        return {r + DECOUPLED + SUFFIX: maps + SUFFIX for r in cfg.affinity.refiners}
+    return {r + DECOUPLED: maps for r in cfg.refine.refiners}
+
+
+def map_sets(cfg: Config) -> list[str]:
+    """Every maps/<name>/ folder of per-image maps a run holds: maps.methods, the walked maps, the decoupled
+    round's maps (and their walk)."""
+    names = list(cfg.maps.methods) + ([walked_maps(cfg)] if cfg.affinity.enabled else [])
+    if decoupled_ran(cfg):
+        names += [cfg.refine.method + DECOUPLED] + ([cfg.refine.method + DECOUPLED + SUFFIX]
+                                                     if cfg.affinity.enabled else [])
+    return names
+
+
+def label_sets(cfg: Config, round_two: bool = True) -> dict[str, str]:
     """Every refined label set of a run (refined/<name>/) -> the maps it refines: each of refine.refiners on
-    refine.method's maps, and with the affinity stage on each of affinity.refiners on the walked maps."""
+    refine.method's maps, with the affinity stage each of affinity.refiners on the walked maps, and where the
+    decouple stage made a second round (and ``round_two``), its sets (``round_two_sets``)."""
     sets = {r: cfg.refine.method for r in cfg.refine.refiners}
     if cfg.affinity.enabled:
         sets |= {r + SUFFIX: walked_maps(cfg) for r in cfg.affinity.refiners}
+    if round_two and decoupled_ran(cfg):
+        sets |= round_two_sets(cfg)
     return sets
 
 

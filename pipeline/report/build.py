@@ -71,7 +71,8 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------------------------------ page
     def html(self) -> str:
-        sections = [("dataset", "Dataset", self.dataset()), ("classifier", "Classifier", self.classifier()),
+        sections = [("dataset", "Dataset", self.dataset()), ("labels", "What the labels can teach", self.labels()),
+                    ("classifier", "Classifier", self.classifier()),
                     ("methods", "Methods: mIoU and faithfulness", self.methods_table()),
                     ("pseudo-masks", "Pseudo-masks and baselines", self.pseudo_masks())]
         if self.metrics.get("segmenter"):
@@ -103,6 +104,32 @@ class ReportBuilder:
             f"Image-level label counts over the {len(ds)} images that get maps, with each class's colour in the "
             f"masks below. Splits: train <code>{e(d.train_split)}</code>, val <code>{e(d.val_split)}</code>; "
             f"{'mask index 0 is background' if ds.background else 'no background class'}.")
+        return out
+
+    # ---------------------------------------------------------------------------------------- labels
+    def labels(self) -> str:
+        stats = _json(self.run / "label_stats.json")
+        if not isinstance(stats, dict):
+            return note("No label statistics (label_stats.json: the train_classifier stage writes them).")
+        warnings = stats.get("warnings") or []
+        out = "".join(f'<p class="warn">⚠ {e(w["message"])}</p>' for w in warnings) or note(
+            "No warning: every class has enough training images, none is in nearly every image, and no class is "
+            "hardly ever seen without another one.")
+        decoupled = _json(self.run / "decouple.json")
+        if isinstance(decoupled, dict) and decoupled.get("classes"):
+            bank = decoupled.get("bank") or {}
+            rows = [[key(a), f"<td>{e(', '.join(ctx))}</td>", num((bank.get(a) or {}).get("cut_outs", 0), 0)]
+                    for a, ctx in decoupled["classes"].items()]
+            out += table(["class", "its context", "cut-outs"], rows) + note(
+                f"The decoupled second round (stage <code>decouple</code>) pasted these classes' cut-outs from "
+                f"<code>{e(decoupled.get('source'))}</code> onto images without their context, and trained on "
+                f"{decoupled.get('context_crops', 0)} context-only crops; its label sets end in <code>_dc</code>.")
+        classes = list(stats.get("classes") or {})
+        if classes:
+            conditional = [[stats["conditional"][a][b] for b in classes] for a in classes]
+            out += figure(fg.cooccurrence_plot(classes, conditional), "label co-occurrence heatmap",
+                          f"P(b | a) over the {stats.get('images')} training images: row a, column b. A row with "
+                          "a bright cell off the diagonal is a class that is rarely seen without that column's class.")
         return out
 
     # ------------------------------------------------------------------------------------ classifier

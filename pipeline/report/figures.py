@@ -85,6 +85,29 @@ def sweep_plot(maps: dict[str, dict[str, Any]]) -> str | None:
     return png_uri(fig)
 
 
+def cooccurrence_plot(classes: list[str], conditional: list[list[float | None]]) -> str:
+    """The heatmap of P(column | row): the share of the row class's training images that also hold the column
+    class (label_stats.json); the shares of 50% and more are written in their cells."""
+    plt = _pyplot()
+    grid = np.array([[np.nan if v is None else v for v in row] for row in conditional], dtype=float)
+    n = len(classes)
+    side = min(11.0, 2.2 + 0.42 * n)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            if i != j and grid[i, j] >= 0.5:
+                ax.text(j, i, f"{grid[i, j]:.0%}"[:-1], ha="center", va="center", fontsize=6,
+                        color="black" if grid[i, j] > 0.7 else "white")
+    ax.set_xlabel("b: also in the image (%)")
+    ax.set_ylabel("a: class of the image")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="P(b | a)")
+    ax.set_title("label co-occurrence, training split")
+    return png_uri(fig)
+
+
 def faithfulness_plot(results: dict[str, dict[str, Any]]) -> str | None:
     if not any(r.get("curves") for r in results.values()):
         return None

@@ -28,6 +28,8 @@ section { margin-top: 22px; }
 h2 { font-size: 18px; margin: 0 0 8px; padding-bottom: 3px; border-bottom: 2px solid var(--line); }
 h3 { font-size: 15px; margin: 14px 0 6px; }
 p.note, .note { color: var(--muted); font-size: 12.5px; margin: 4px 0 8px; max-width: 1000px; }
+p.warn { background: #fff4e5; border-left: 4px solid #e8a33d; padding: 5px 9px; margin: 4px 0; font-size: 13px;
+         max-width: 1000px; }
 table.t { border-collapse: collapse; margin: 4px 0 10px; font-size: 13px; }
 table.t th, table.t td { border: 1px solid var(--line); padding: 3px 8px; }
 table.t th { background: var(--soft); font-weight: 600; text-align: center; }
