@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
 
 
 @dataclass
@@ -597,6 +598,12 @@ def _fail(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
+def _known_refiner(name: str, key: str) -> None:
+    """An unknown refiner name is a ``ConfigError`` naming ``key`` (the names: ``pipeline/refiner_names.py``)."""
+    if name not in REFINER_NAMES:
+        raise ConfigError(f"config key '{key}': unknown refiner {name!r}; expected one of {', '.join(REFINER_NAMES)}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value's range and the keys that depend on one another; the first bad one is a
     ``ConfigError`` naming its key. Returns ``cfg``."""
@@ -623,12 +630,9 @@ def validate(cfg: Config) -> Config:
     workers = cfg.refine.workers
     if workers != "auto" and not (workers.lstrip("-").isdigit() and int(workers) >= 1):
         raise _fail("refine.workers", "auto or an integer >= 1", workers)
-    from pipeline.refine import get_refiner  # here: the refiners' modules import this one
-    from pipeline.refine.sam import PACKAGED
-
     for key in ("refine.refiners", "affinity.refiners"):
         for name in _get(cfg, key):
-            get_refiner(name, key)  # an unknown name fails now, not after hours of training
+            _known_refiner(name, key)  # an unknown name fails now, not after hours of training
     if cfg.affinity.enabled:
         for name in cfg.affinity.labels_from:
             if name not in cfg.refine.refiners:
@@ -638,8 +642,8 @@ def validate(cfg: Config) -> Config:
     if sam.fallback == "sam":
         raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
                           "refiner (graphcut, crf, threshold)")
-    get_refiner(sam.fallback, "refine.sam.fallback")
-    if sam.mode == "automatic" and (sam.checkpoint == PACKAGED or sam.model_type == "lite_medsam"):
+    _known_refiner(sam.fallback, "refine.sam.fallback")
+    if sam.mode == "automatic" and (sam.checkpoint == SAM_PACKAGED or sam.model_type == "lite_medsam"):
         raise ConfigError("config key 'refine.sam.mode': automatic needs a model with an automatic mask generator "
                           "(an official Segment Anything checkpoint in refine.sam.checkpoint with refine.sam.model_type"
                           " vit_b, vit_l or vit_h); LiteMedSAM takes boxes only: use mode prompt")

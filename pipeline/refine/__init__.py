@@ -14,13 +14,14 @@ their cache stems: it fills the caches in batches (e.g. an image encoder on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
-
 from pipeline.config import Config
-from pipeline.registry import Registry
+from pipeline.refine import crf as _crf  # noqa: F401  (registers the refiners)
+from pipeline.refine import graphcut as _graphcut  # noqa: F401
+from pipeline.refine import sam as _sam  # noqa: F401
+from pipeline.refine import threshold as _threshold  # noqa: F401
+from pipeline.refine._registry import REFINERS, Refiner, get_refiner, register_refiner
+
+__all__ = ["REFINERS", "SUFFIX", "Refiner", "get_refiner", "label_sets", "register_refiner", "walked_maps"]
 
 SUFFIX = "_rw"  # maps/<method>_rw/ and refined/<refiner>_rw/: after the affinity random walk (refine/affinity.py)
 
@@ -37,31 +38,3 @@ def label_sets(cfg: Config) -> dict[str, str]:
     if cfg.affinity.enabled:
         sets |= {r + SUFFIX: walked_maps(cfg) for r in cfg.affinity.refiners}
     return sets
-
-
-@dataclass(frozen=True)
-class Refiner:
-    fn: Callable[..., np.ndarray]
-    needs_image: bool
-    cache: bool = False
-    prepare: Callable[..., None] | None = None
-    names: bool = False
-
-
-REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
-get_refiner = REFINERS.get
-
-
-def register_refiner(name: str, needs_image: bool = False, cache: bool = False,
-                     prepare: Callable[..., None] | None = None, names: bool = False):
-    def deco(fn):
-        REFINERS.add(name, Refiner(fn, needs_image, cache, prepare, names))
-        return fn
-
-    return deco
-
-
-from pipeline.refine import crf as _crf  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import graphcut as _graphcut  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import sam as _sam  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)
