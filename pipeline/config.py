@@ -31,8 +31,18 @@ class SyntheticConfig:
 
 
 @dataclass
+class CocoDataConfig:
+    """kind coco: a COCO instances JSON and an image folder per split (datasets/README.md). Paths are relative to
+    data.root (or absolute); ``{split}`` stands for the split's name (data.train_split, data.val_split, maps.split)."""
+
+    annotations: str = "annotations/instances_{split}.json"  # the split's COCO instances JSON
+    images: str = "{split}"  # the folder its images' file_name are relative to
+    masks: str = "masks/{split}"  # GT masks rasterised from the annotations on first use (a folder it can write)
+
+
+@dataclass
 class DataConfig:
-    kind: Literal["synthetic", "voc", "folder"] = "synthetic"  # the layout of data.root (datasets/README.md)
+    kind: Literal["synthetic", "voc", "folder", "coco"] = "synthetic"  # the layout of data.root (datasets/README.md)
     root: str = "datasets/synthetic"  # the dataset's folder
     background: bool = True  # mask index 0 is a background class (true), or every pixel is one of the classes
     train_split: str = "train"  # the split the classifier trains on
@@ -42,6 +52,7 @@ class DataConfig:
     # val_split "" nothing is held out)
     val_fraction: float = 0.1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    coco: CocoDataConfig = field(default_factory=CocoDataConfig)  # options of kind coco
 
 
 @dataclass
@@ -258,7 +269,10 @@ class ExportConfig:
     # auto = the best refiner that ran, in the order of pipeline/export.py AUTO_ORDER (walked maps first), or
     # name one of the refined label sets
     refiner: str = "auto"
-    images: Literal["link", "copy"] = "link"  # JPEGImages/ as symbolic links to the dataset, or copies
+    images: Literal["link", "copy"] = "link"  # JPEG sources as symbolic links to the dataset, or copies
+    # the layouts written: voc (pseudo_masks/, always written: the segmenter trains on it), coco, mmseg, yolo, hf,
+    # cvat (exports/<format>/; docs/formats.md)
+    formats: list[str] = field(default_factory=lambda: ["voc"])
 
 
 @dataclass
@@ -604,6 +618,18 @@ def _known_refiner(name: str, key: str) -> None:
         raise ConfigError(f"config key '{key}': unknown refiner {name!r}; expected one of {', '.join(REFINER_NAMES)}")
 
 
+def _check_formats(formats: list[str]) -> None:
+    """Every name of ``export.formats`` is a format (``pipeline.formats``); else the closest one is named."""
+    from pipeline.formats import format_names  # here: the writers load only when a config is checked
+
+    names = format_names()
+    for name in formats:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(names)}"
+            raise ConfigError(f"config key 'export.formats': unknown format {name!r}; {hint}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value's range and the keys that depend on one another; the first bad one is a
     ``ConfigError`` naming its key. Returns ``cfg``."""
@@ -638,6 +664,7 @@ def validate(cfg: Config) -> Config:
             if name not in cfg.refine.refiners:
                 raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
                                   f"{cfg.refine.refiners}")
+    _check_formats(cfg.export.formats)
     sam = cfg.refine.sam
     if sam.fallback == "sam":
         raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
