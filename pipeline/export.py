@@ -179,6 +179,8 @@ def write_formats(voc_dir: Path, exports_dir: Path, formats: list[str], images: 
     wrote."""
     from pipeline.formats import FORMATS, VOC, voc_source
 
+    if all(name == VOC for name in formats):
+        return {}
     source = voc_source(voc_dir, images=images)
     out = {}
     for name in dict.fromkeys(formats):

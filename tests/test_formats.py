@@ -148,7 +148,7 @@ def _scene(background: bool) -> dict[str, np.ndarray]:
     b = np.full((30, 44), 0 if background else 2, np.uint8)
     b[0:12, 20:44] = 1 + off  # touches the border
     b[25, 5] = 2 + off if background else 0  # a single pixel
-    return {"a": a, "b": b}
+    return {"a": a, "b c": b}  # an id with a space: a line of the split file, not a word
 
 
 def _formats(tmp_path: Path, background: bool, formats: list[str]) -> tuple[dict[str, np.ndarray], Path]:
@@ -292,7 +292,7 @@ def test_cvat_segmentation_mask_follows_its_labelmap(tmp_path):
     rows = [ln.split(":") for ln in (cvat / "labelmap.txt").read_text().splitlines() if not ln.startswith("#")]
     colours = {tuple(int(c) for c in rgb.split(",")): name for name, rgb, *_ in rows}
     assert [r[0] for r in rows] == ["background", *CLASSES, "ignore"] and len(colours) == len(rows)
-    assert (cvat / "ImageSets" / "Segmentation" / "default.txt").read_text().split() == list(scene)
+    assert (cvat / "ImageSets" / "Segmentation" / "default.txt").read_text().splitlines() == list(scene)
     names = ["background", *CLASSES]
     for i, label in scene.items():
         rgb = np.asarray(Image.open(cvat / "SegmentationClass" / f"{i}.png").convert("RGB"))

@@ -94,7 +94,9 @@ def voc_source(voc_dir: Path, split: str = "train", images: str = "link") -> Exp
     if not split_file.exists():
         raise DataError(f"{split_file}: split file not found")
     items = []
-    for i in split_file.read_text(encoding="utf-8").split():
+    for i in (line.strip() for line in split_file.read_text(encoding="utf-8").splitlines()):  # ids may hold spaces
+        if not i:
+            continue
         image = voc_dir / "JPEGImages" / f"{i}.jpg"
         if not image.exists():
             raise DataError(f"{image}: image not found")
