@@ -58,9 +58,15 @@ class ExportSource:
         k = label - int(self.background)
         return k if 0 <= k < len(self.classes) else None
 
-    def labels(self) -> Iterator[tuple[ExportItem, np.ndarray]]:
-        """Every item with its label map (HxW uint8), read one at a time."""
-        for item in self.items:
+    def each(self, what: str) -> Iterator[ExportItem]:
+        """Every item, under a progress bar named ``what``."""
+        from tqdm import tqdm
+
+        yield from tqdm(self.items, desc=f"export {what}", leave=False)
+
+    def labels(self, what: str) -> Iterator[tuple[ExportItem, np.ndarray]]:
+        """Every item with its label map (HxW uint8), read one at a time, under a progress bar named ``what``."""
+        for item in self.each(what):
             yield item, read_label(item.label)
 
 

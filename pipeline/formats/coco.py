@@ -97,7 +97,7 @@ def bbox(mask: np.ndarray) -> list[int]:
 @register_format("coco")
 def write_coco(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, Any]:
     images, annotations = [], []
-    for image_id, (item, label) in enumerate(source.labels(), start=1):
+    for image_id, (item, label) in enumerate(source.labels("coco"), start=1):
         name = f"{item.id}.jpg"
         place_image(item.image, out_dir / "images" / name, source.images)
         h, w = label.shape

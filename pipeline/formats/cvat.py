@@ -95,5 +95,5 @@ def write_cvat(out_dir: Path, items: Iterable[tuple[str, Path, np.ndarray]], cla
 
 @register_format("cvat")
 def write_cvat_format(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, Any]:
-    items = ((item.id, item.image, label) for item, label in source.labels())
+    items = ((item.id, item.image, label) for item, label in source.labels("cvat"))
     return {"images": write_cvat(out_dir, items, source.label_names, source.background, source.images)}

@@ -34,7 +34,7 @@ def write_hf(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, 
                                   "label": datasets.Image()})
 
     def rows():
-        for item in source.items:
+        for item in source.each("hf"):
             yield {"id": item.id, "image": {"bytes": item.image.read_bytes(), "path": f"{item.id}.jpg"},
                    "label": {"bytes": item.label.read_bytes(), "path": f"{item.id}.png"}}
 

@@ -38,7 +38,7 @@ def dataset_snippet(root: Path, source: ExportSource) -> str:
 @register_format("mmseg")
 def write_mmseg(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, Any]:
     (out_dir / "ann_dir" / "train").mkdir(parents=True, exist_ok=True)
-    for item in source.items:
+    for item in source.each("mmseg"):
         place_image(item.image, out_dir / "img_dir" / "train" / f"{item.id}.jpg", source.images)
         shutil.copyfile(item.label, out_dir / "ann_dir" / "train" / f"{item.id}.png")
     write_text(out_dir / SNIPPET, dataset_snippet(final_dir, source))

@@ -64,7 +64,7 @@ def data_yaml(root: Path, source: ExportSource) -> str:
 def write_yolo(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, Any]:
     n_lines = 0
     (out_dir / "labels" / "train").mkdir(parents=True, exist_ok=True)
-    for item, label in source.labels():
+    for item, label in source.labels("yolo"):
         place_image(item.image, out_dir / "images" / "train" / f"{item.id}.jpg", source.images)
         lines = label_lines(source, label)
         n_lines += len(lines)
