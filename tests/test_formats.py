@@ -236,7 +236,8 @@ def test_mmseg_snippet_and_folders_follow_its_dataset_rules(tmp_path):
     scene, exports = _formats(tmp_path, True, ["mmseg"])
     snippet = {}
     exec(compile((exports / "mmseg" / "dataset.py").read_text(), "dataset.py", "exec"), {"dict": dict}, snippet)
-    ds = snippet["train_dataset"]
+    ds = snippet["train_dataloader"]["dataset"]
+    assert ds is snippet["train_dataset"] and ds["pipeline"][0] == {"type": "LoadImageFromFile"}
     assert ds["type"] == "BaseSegDataset" and ds["reduce_zero_label"] is False and ds["ignore_index"] == 255
     assert ds["metainfo"]["classes"] == ("background", *CLASSES)
     assert ds["metainfo"]["palette"] == [voc_palette()[3 * k: 3 * k + 3] for k in range(4)]

@@ -1,5 +1,6 @@
 """mmsegmentation export: ``exports/mmseg/img_dir/train/<id>.jpg``, ``ann_dir/train/<id>.png`` and
-``dataset.py``, a config snippet (mmseg 1.x, ``BaseSegDataset``) that reads them as they are.
+``dataset.py``, a dataset config (mmseg 1.x, ``BaseSegDataset``, as its ``configs/_base_/datasets/`` files) that
+reads them as they are.
 
 The annotation PNGs are the label maps unchanged: one index per pixel in the dataset's label space (with a
 background class it is class 0, as in mmseg's PASCAL VOC config), 255 = ignore, which is mmseg's default
@@ -20,18 +21,34 @@ SNIPPET = "dataset.py"
 
 
 def dataset_snippet(root: Path, source: ExportSource) -> str:
-    """The mmseg config lines of the dataset: ``metainfo`` (classes, palette) and ``train_dataset``."""
+    """A dataset config in the shape of mmseg's ``configs/_base_/datasets/*.py``: ``metainfo`` (classes, palette),
+    a training pipeline and ``train_dataloader``; a model config lists it in ``_base_``."""
     palette = voc_palette()
     colours = [palette[3 * k: 3 * k + 3] for k in range(len(source.label_names))]
     classes = ", ".join(repr(n) for n in source.label_names)
     return (
-        "# mmsegmentation 1.x: the pseudo-masks as a dataset (merge into a model config, add a pipeline)\n"
+        "# mmsegmentation 1.x: the pseudo-masks as a training set; list this file in a model config's _base_\n"
+        "# (there is no held-out set: add a val_dataloader on real masks for a real score)\n"
         f"data_root = {str(root.resolve())!r}\n"
         f"metainfo = dict(classes=({classes},), palette={colours})\n"
+        "crop_size = (512, 512)\n"
+        "train_pipeline = [\n"
+        "    dict(type='LoadImageFromFile'),\n"
+        "    dict(type='LoadAnnotations'),\n"
+        "    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),\n"
+        "    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),\n"
+        "    dict(type='RandomFlip', prob=0.5),\n"
+        "    dict(type='PhotoMetricDistortion'),\n"
+        "    dict(type='PackSegInputs'),\n"
+        "]\n"
         "train_dataset = dict(\n"
         "    type='BaseSegDataset', data_root=data_root, metainfo=metainfo,\n"
         "    data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),\n"
-        "    img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=False, ignore_index=255)\n"
+        "    img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=False, ignore_index=255,\n"
+        "    pipeline=train_pipeline)\n"
+        "train_dataloader = dict(\n"
+        "    batch_size=4, num_workers=4, persistent_workers=True,\n"
+        "    sampler=dict(type='InfiniteSampler', shuffle=True), dataset=train_dataset)\n"
     )
 
 
