@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
 
 
 @dataclass
@@ -30,8 +31,18 @@ class SyntheticConfig:
 
 
 @dataclass
+class CocoDataConfig:
+    """kind coco: a COCO instances JSON and an image folder per split (datasets/README.md). Paths are relative to
+    data.root (or absolute); ``{split}`` stands for the split's name (data.train_split, data.val_split, maps.split)."""
+
+    annotations: str = "annotations/instances_{split}.json"  # the split's COCO instances JSON
+    images: str = "{split}"  # the folder its images' file_name are relative to
+    masks: str = "masks/{split}"  # GT masks rasterised from the annotations on first use (a folder it can write)
+
+
+@dataclass
 class DataConfig:
-    kind: Literal["synthetic", "voc", "folder"] = "synthetic"  # the layout of data.root (datasets/README.md)
+    kind: Literal["synthetic", "voc", "folder", "coco"] = "synthetic"  # the layout of data.root (datasets/README.md)
     root: str = "datasets/synthetic"  # the dataset's folder
     background: bool = True  # mask index 0 is a background class (true), or every pixel is one of the classes
     train_split: str = "train"  # the split the classifier trains on
@@ -41,6 +52,7 @@ class DataConfig:
     # val_split "" nothing is held out)
     val_fraction: float = 0.1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    coco: CocoDataConfig = field(default_factory=CocoDataConfig)  # options of kind coco
 
 
 @dataclass
@@ -271,7 +283,10 @@ class ExportConfig:
     # auto = the best refiner that ran, in the order of pipeline/export.py AUTO_ORDER (walked maps first), or
     # name one of the refined label sets
     refiner: str = "auto"
-    images: Literal["link", "copy"] = "link"  # JPEGImages/ as symbolic links to the dataset, or copies
+    images: Literal["link", "copy"] = "link"  # JPEG sources as symbolic links to the dataset, or copies
+    # the layouts written: voc (pseudo_masks/, always written: the segmenter trains on it), coco, mmseg, yolo, hf,
+    # cvat (exports/<format>/; docs/formats.md)
+    formats: list[str] = field(default_factory=lambda: ["voc"])
 
 
 @dataclass
@@ -613,6 +628,24 @@ def _fail(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
+def _known_refiner(name: str, key: str) -> None:
+    """An unknown refiner name is a ``ConfigError`` naming ``key`` (the names: ``pipeline/refiner_names.py``)."""
+    if name not in REFINER_NAMES:
+        raise ConfigError(f"config key '{key}': unknown refiner {name!r}; expected one of {', '.join(REFINER_NAMES)}")
+
+
+def _check_formats(formats: list[str]) -> None:
+    """Every name of ``export.formats`` is a format (``pipeline.formats``); else the closest one is named."""
+    from pipeline.formats import format_names  # here: the writers load only when a config is checked
+
+    names = format_names()
+    for name in formats:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(names)}"
+            raise ConfigError(f"config key 'export.formats': unknown format {name!r}; {hint}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value's range and the keys that depend on one another; the first bad one is a
     ``ConfigError`` naming its key. Returns ``cfg``."""
@@ -639,23 +672,21 @@ def validate(cfg: Config) -> Config:
     workers = cfg.refine.workers
     if workers != "auto" and not (workers.lstrip("-").isdigit() and int(workers) >= 1):
         raise _fail("refine.workers", "auto or an integer >= 1", workers)
-    from pipeline.refine import get_refiner  # here: the refiners' modules import this one
-    from pipeline.refine.sam import PACKAGED
-
     for key in ("refine.refiners", "affinity.refiners"):
         for name in _get(cfg, key):
-            get_refiner(name, key)  # an unknown name fails now, not after hours of training
+            _known_refiner(name, key)  # an unknown name fails now, not after hours of training
     if cfg.affinity.enabled:
         for name in cfg.affinity.labels_from:
             if name not in cfg.refine.refiners:
                 raise ConfigError(f"config key 'affinity.labels_from': {name!r} is not among refine.refiners "
                                   f"{cfg.refine.refiners}")
+    _check_formats(cfg.export.formats)
     sam = cfg.refine.sam
     if sam.fallback == "sam":
         raise ConfigError("config key 'refine.sam.fallback': sam cannot be its own fallback; name a map-based "
                           "refiner (graphcut, crf, threshold)")
-    get_refiner(sam.fallback, "refine.sam.fallback")
-    if sam.mode == "automatic" and (sam.checkpoint == PACKAGED or sam.model_type == "lite_medsam"):
+    _known_refiner(sam.fallback, "refine.sam.fallback")
+    if sam.mode == "automatic" and (sam.checkpoint == SAM_PACKAGED or sam.model_type == "lite_medsam"):
         raise ConfigError("config key 'refine.sam.mode': automatic needs a model with an automatic mask generator "
                           "(an official Segment Anything checkpoint in refine.sam.checkpoint with refine.sam.model_type"
                           " vit_b, vit_l or vit_h); LiteMedSAM takes boxes only: use mode prompt")

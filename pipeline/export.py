@@ -1,10 +1,20 @@
 """Export refined label maps as a pseudo-mask dataset in PASCAL VOC layout, with a manifest, and the policy
 of which refined label set is exported.
 
-``pseudo_masks/`` holds JPEGImages/ (links or copies), SegmentationClass/ (palette PNGs in the source
+``pseudo_masks/`` holds JPEGImages/<id>.jpg, SegmentationClass/ (palette PNGs in the source
 dataset's label index space, 255 = ignore), ImageSets/Segmentation/train.txt, classes.txt, labels.csv
 and manifest.json (per image: classes, coverage of each class, ignore ratio). It is a VOC-layout dataset
 the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
+
+Every image is ``JPEGImages/<id>.jpg``, upright and of its mask's size, because readers of the layout
+(torchvision's ``VOCSegmentation``, mmseg's VOC config) open ``<id>.jpg`` and ignore EXIF orientation. A source
+that is already such a file (a JPEG, RGB or gray, without an EXIF rotation) is linked or copied
+(``export.images``); any other (a .png/.webp/.tif, an EXIF-rotated, CMYK, 16-bit or RGBA image) is written as
+the RGB image the pipeline read (``pipeline.data.read_image``: rotated upright, alpha on white), as a JPEG of
+quality ``JPEG_QUALITY`` without chroma subsampling.
+
+The other formats (``export.formats``: ``pipeline.formats``) are written from this folder into
+``exports/<format>/``, each swapped into place whole.
 
 Which label set (``export.refiner``): one named, or with ``auto`` the first of ``AUTO_ORDER`` that ran, each
 refiner on the affinity stage's walked maps (``<refiner>_rw``) before any on the raw maps.
@@ -20,15 +30,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data import IGNORE, SegDataset, read_mask
+from pipeline.data import IGNORE, SegDataset, read_image, read_mask
+from pipeline.data.dataset import EXIF_ORIENTATION
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.refine import DECOUPLED, SUFFIX
-from pipeline.runfolder import atomic_dir, write_json, write_text
+from pipeline.runfolder import atomic_dir, read_json, write_json, write_text
 
 # export.refiner auto: the refiners best first, where they ran (docs/experiments.md: MSRC-21 and the synthetic
 # set; sam only runs where a config names it, and measured better than graphcut on real photos only). A new
 # refiner takes its place here; its walked label set (<name>_rw) ranks with the others' walked sets.
 AUTO_ORDER = ["sam", "graphcut", "crf", "threshold"]
+JPEG_QUALITY = 95  # of the images written as JPEG (not linked): nearly lossless, about 3x a linked photo's size
 
 
 def auto_order() -> list[str]:
@@ -66,7 +78,7 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
             src = refined_dir / f"{s.id}.png"
             label = _refined(src)
             shutil.copyfile(src, tmp / "SegmentationClass" / src.name)
-            _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}{s.image_path.suffix.lower()}", images)
+            _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}.jpg", label.shape, images)
             counts = np.bincount(label.ravel(), minlength=256)
             n = label.size
             manifest["images"][s.id] = {
@@ -91,12 +103,94 @@ def _refined(path: Path) -> np.ndarray:
     return read_mask(path)
 
 
-def _place_image(src: Path, dst: Path, images: str) -> None:
-    if images == "copy":
-        shutil.copyfile(src, dst)
-        return
+def _linkable(src: Path) -> tuple[bool, tuple[int, int]]:
+    """Whether ``src`` can be linked as a VOC image as it is (a baseline-readable RGB or gray JPEG without an EXIF
+    rotation), and its size (height, width) as stored."""
+    from PIL import Image
+
     try:
-        os.symlink(src.resolve(), dst)
-    except OSError as exc:
-        raise UserError(f"{dst.parent}: cannot make symbolic links here ({exc.strerror}); "
-                        "set export.images: copy") from None
+        with Image.open(src) as im:
+            rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and not rotated, (im.height, im.width)
+    except (OSError, SyntaxError, ValueError):
+        return False, (0, 0)  # read_image names the file and the problem
+
+
+def _place_image(src: Path, dst: Path, shape: tuple[int, int], images: str) -> None:
+    """``dst`` (a .jpg) as the upright image of ``src``, of size ``shape`` (its label map's): a link or copy of a
+    JPEG that is one already, else a JPEG written from the pixels the pipeline read."""
+    linkable, size = _linkable(src)
+    if not linkable:
+        from PIL import Image
+
+        rgb = read_image(src)
+        size = rgb.shape[:2]
+    if tuple(size) != tuple(shape):
+        raise DataError(f"{src}: image size {size[1]}x{size[0]} differs from its refined label map "
+                        f"{shape[1]}x{shape[0]} (rerun the refine stage with --force)")
+    if not linkable:
+        Image.fromarray(rgb).save(dst, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    elif images == "copy":
+        shutil.copyfile(src, dst)
+    else:
+        try:
+            os.symlink(src.resolve(), dst)
+        except OSError as exc:
+            raise UserError(f"{dst.parent}: cannot make symbolic links here ({exc.strerror}); "
+                            "set export.images: copy") from None
+
+
+FORMAT_MARKER = "export.json"  # in exports/<format>/: the fingerprint of the VOC export it was written from
+
+
+def voc_section_hash(cfg: Any) -> str:
+    """The hash of the ``export`` section without ``formats``, which changes the other formats only: it equals
+    ``cfg.section_hash("export")`` of a config from before ``export.formats`` existed, so adding the key re-exports
+    nothing, and the segmenter (whose fingerprint holds the export's) is not retrained for a new format."""
+    import dataclasses
+    import hashlib
+    import json
+
+    section = {k: v for k, v in dataclasses.asdict(cfg.export).items() if k != "formats"}
+    return hashlib.sha256(json.dumps({"export": section}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def formats_to_write(exports_dir: Path, formats: list[str], fp: str, force: bool = False) -> list[str]:
+    """The formats of ``formats`` (``voc`` aside) whose folder is missing or was written from another VOC export
+    than the one of fingerprint ``fp`` (all of them with ``force``)."""
+    from pipeline.formats import VOC
+
+    todo = []
+    for name in formats:
+        marker = Path(exports_dir) / name / FORMAT_MARKER
+        if name == VOC or name in todo:
+            continue
+        try:
+            current = not force and read_json(marker).get("fingerprint") == fp
+        except (OSError, ValueError):
+            current = False
+        if not current:
+            todo.append(name)
+    return todo
+
+
+def write_formats(voc_dir: Path, exports_dir: Path, formats: list[str], images: str = "link",
+                  fp: str | None = None) -> dict[str, dict]:
+    """Write each format of ``formats`` but ``voc`` from the VOC export ``voc_dir`` into ``exports_dir/<format>/``
+    (built under a temp name and swapped into place, with ``FORMAT_MARKER`` holding ``fp``); returns what each
+    wrote."""
+    from pipeline.formats import FORMATS, VOC, voc_source
+
+    if all(name == VOC for name in formats):
+        return {}
+    source = voc_source(voc_dir, images=images)
+    out = {}
+    for name in dict.fromkeys(formats):
+        if name == VOC:
+            continue
+        writer = FORMATS.get(name)
+        final = Path(exports_dir) / name
+        with atomic_dir(final) as tmp:
+            out[name] = writer(source, tmp, final)
+            write_json(tmp / FORMAT_MARKER, {"format": name, "fingerprint": fp, **out[name]})
+    return out

@@ -1,10 +1,19 @@
 """Stage 4: export the chosen refiner's label maps as a VOC-layout pseudo-mask dataset + manifest.json
-(which refiner: ``pipeline.export.export_refiner``)."""
+(which refiner: ``pipeline.export.export_refiner``), then each other format of ``export.formats`` from it into
+``exports/<format>/``. The formats are not part of the stage's fingerprint (the segmenter trains on the VOC
+export, which they leave alone): adding one writes just that one, and each format's folder records the
+fingerprint of the VOC export it came from (``pipeline.export.FORMAT_MARKER``)."""
 
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.export import export_pseudo_masks, export_refiner
+from pipeline.export import (
+    export_pseudo_masks,
+    export_refiner,
+    formats_to_write,
+    voc_section_hash,
+    write_formats,
+)
 from pipeline.refine import label_sets
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import log, maps_dataset
@@ -15,18 +24,23 @@ def run(cfg: Config, force: bool = False) -> None:
     refined = label_sets(cfg)
     refiner = export_refiner(e.refiner, list(refined))  # checked before anything changes
     walk = [stage_fingerprint(run_dir, "affinity")] if cfg.affinity.enabled else []
-    fp = fingerprint(cfg.section_hash("export"), stage_fingerprint(run_dir, "refine"), *walk,
+    fp = fingerprint(voc_section_hash(cfg), stage_fingerprint(run_dir, "refine"), *walk,
                      stage_fingerprint(run_dir, "decouple"))
     stage = Stage(run_dir, "export", fp)
-    if stage.is_done() and not force:
+    voc_done = stage.is_done() and not force
+    formats = formats_to_write(run_dir / "exports", e.formats, fp, force=not voc_done)
+    if voc_done and not formats:
         log.info("export: up to date, skipped")
         return
     stage.begin(fresh=force)
-
-    ds = maps_dataset(cfg)
-    map_method = refined[refiner]
-    manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
-                                   provenance={"refiner": refiner, "map_method": map_method})
-    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
-             run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
-    stage.finish(images=len(ds))
+    if not voc_done:
+        ds = maps_dataset(cfg)
+        map_method = refined[refiner]
+        manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
+                                       provenance={"refiner": refiner, "map_method": map_method})
+        log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
+                 run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
+    for name, wrote in write_formats(run_dir / "pseudo_masks", run_dir / "exports", formats, e.images, fp).items():
+        log.info("export: %s in %s (%s)", name, run_dir / "exports" / name, ", ".join(f"{v} {k}" for k, v in
+                                                                                      wrote.items()))
+    stage.finish(images=len(list((run_dir / "pseudo_masks" / "SegmentationClass").glob("*.png"))))

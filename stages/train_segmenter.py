@@ -32,7 +32,10 @@ def _pseudo_masks(cfg: Config, ds: SegDataset) -> Callable[[], list[Sample]]:
     root = cfg.run_path / "pseudo_masks"
     if stage_fingerprint(cfg.run_path, "export") is None:
         raise UserError(f"{root}: no exported pseudo-masks (run the export stage first, or set segmenter.masks: gt)")
-    return lambda: labelled_samples(read_voc(root, "train", ds.background), "pseudo-masks")
+    # the images the maps were made from, not the export's JPEG copies of the non-JPEG ones: the same pixels
+    sources = {x.id: x.image_path for x in ds.samples}
+    return lambda: [dataclasses.replace(x, image_path=sources.get(x.id, x.image_path)) for x in
+                    labelled_samples(read_voc(root, "train", ds.background), "pseudo-masks")]
 
 
 def run(cfg: Config, force: bool = False) -> None:

@@ -21,7 +21,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"clasifier": {}}, "unknown config key 'clasifier'; did you mean 'classifier'?"),
     ({"maps": {"scale": [1.0]}}, "unknown config key 'maps.scale'; did you mean 'maps.scales'?"),
     ({"classifier": {"epochs": "ten"}}, "config key 'classifier.epochs': expected an integer, got 'ten'"),
-    ({"data": {"kind": "coco"}}, "config key 'data.kind': expected one of"),
+    ({"data": {"kind": "cityscapes"}}, "config key 'data.kind': expected one of"),
     ({"maps": {"scales": [1, "x"]}}, "config key 'maps.scales[1]': expected a number"),
 ])
 def test_invalid_config_errors(values, message):

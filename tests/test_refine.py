@@ -16,3 +16,13 @@ def test_threshold_without_background_argmax_and_margin():
     classes = np.array([0, 5])
     np.testing.assert_array_equal(threshold_labels(maps, classes, False, fg=0), [[0, 0, 5]])
     np.testing.assert_array_equal(threshold_labels(maps, classes, False, fg=0, min_margin=0.05), [[0, 255, 5]])
+
+
+def test_the_config_knows_exactly_the_registered_refiners():
+    """``pipeline.config.validate`` checks refiner names against ``pipeline/refiner_names.py`` (it cannot import
+    the refiners without a circle), so that list must be the registry's."""
+    from pipeline.refine import REFINERS
+    from pipeline.refine.sam import PACKAGED
+    from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
+
+    assert sorted(REFINER_NAMES) == list(REFINERS) and PACKAGED == SAM_PACKAGED == "packaged"

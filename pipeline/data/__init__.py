@@ -1,10 +1,11 @@
-"""Datasets: the synthetic generator, the PASCAL VOC and folder+CSV readers, and the training transforms."""
+"""Datasets: the synthetic generator, the PASCAL VOC, folder+CSV and COCO readers, and the training transforms."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.config import DataConfig
+from pipeline.data.coco import read_coco
 from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask, spread
 from pipeline.data.folder import read_folder
 from pipeline.data.voc import read_voc
@@ -28,4 +29,7 @@ def load_dataset(cfg: DataConfig, split: str) -> SegDataset:
     prepare_data(cfg)
     if cfg.kind == "folder":  # without a val split (val_split: ""), nothing is held out
         return read_folder(Path(cfg.root), split, cfg.background, val_fraction=cfg.val_fraction if cfg.val_split else 0)
+    if cfg.kind == "coco":
+        c = cfg.coco
+        return read_coco(Path(cfg.root), split, cfg.background, c.annotations, c.images, c.masks)
     return READERS[cfg.kind](Path(cfg.root), split, cfg.background)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.maps import register_map
+from pipeline.maps._registry import register_map
 from pipeline.maps.cam import requested_upsampled
 from pipeline.models.acol_net import ACoLNet
 

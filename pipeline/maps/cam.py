@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import register_map
+from pipeline.maps._registry import register_map
 
 
 def upsampled_pairs(maps: torch.Tensor, b: torch.Tensor, c: torch.Tensor, classes: torch.Tensor,

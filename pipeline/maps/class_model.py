@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps.visualize import register_visualization
+from pipeline.maps._visualizations import register_visualization
 from pipeline.runfolder import save_figure, write_json
 
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.maps import chunks, register_map
+from pipeline.maps._registry import register_map
+from pipeline.maps.ops import chunks
 
 # (model, x [R,3,H,W], targets [R,k]) -> attribution [R,k,3,H,W] of each row for each of its k classes
 Attribution = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.device import autocast
-from pipeline.maps import MapMethod
+from pipeline.maps._registry import MapMethod
 
 
 def to_tensor(image: np.ndarray, mean, std, device: torch.device) -> torch.Tensor:

@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import chunks, register_map, upsampled_channels
+from pipeline.maps._registry import register_map
 from pipeline.maps.cam import upsampled_pairs
+from pipeline.maps.ops import chunks, upsampled_channels
 from pipeline.maps.stem_basis import StemBasis
 from pipeline.models.classifier import is_multilabel
 from pipeline.models.fold import inference_copy

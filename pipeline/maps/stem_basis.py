@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maps import upsampled_channels
+from pipeline.maps.ops import upsampled_channels
 
 log = logging.getLogger(__name__)
 RTOL = 1e-4

@@ -11,19 +11,16 @@ visualisation, ``pipeline/maps/class_model.py``) is one. The per-image map metho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from pipeline.registry import Registry
+from pipeline.maps import class_model as _class_model  # noqa: F401  (registers class_model)
+from pipeline.maps._visualizations import VISUALIZATIONS, Visualization, get_visualization, register_visualization
 
-Visualization = Callable[..., Any]
-
-VISUALIZATIONS: Registry[Visualization] = Registry("visualisation", "maps.visualizations")
-register_visualization = VISUALIZATIONS.register
-get_visualization = VISUALIZATIONS.get
+__all__ = ["VISUALIZATIONS", "Visualization", "get_visualization", "make_visualizations", "register_visualization",
+           "visualization_outputs"]
 
 
 def visualization_outputs(out_root: Path, name: str) -> list[Path]:
@@ -45,5 +42,3 @@ def make_visualizations(net: nn.Module, ckpt: dict[str, Any], cfg, out_root: Pat
         done.append(name)
     return done
 
-
-from pipeline.maps import class_model as _class_model  # noqa: E402,F401  (registers class_model)

@@ -14,14 +14,16 @@ their cache stems: it fills the caches in batches (e.g. an image encoder on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
-
 from pipeline.config import Config
-from pipeline.registry import Registry
+from pipeline.refine import crf as _crf  # noqa: F401  (registers the refiners)
+from pipeline.refine import graphcut as _graphcut  # noqa: F401
+from pipeline.refine import sam as _sam  # noqa: F401
+from pipeline.refine import threshold as _threshold  # noqa: F401
+from pipeline.refine._registry import REFINERS, Refiner, get_refiner, register_refiner
 from pipeline.runfolder import read_json
+
+__all__ = ["REFINERS", "SUFFIX", "Refiner", "get_refiner", "label_sets", "register_refiner", "walked_maps",
+           "DECOUPLED", "decoupled_ran", "map_sets", "round_two_sets"]
 
 SUFFIX = "_rw"  # maps/<method>_rw/ and refined/<refiner>_rw/: after the affinity random walk (refine/affinity.py)
 # maps/<method>_dc/ and refined/<refiner>_dc[_rw]/: the context-decoupled second round (pipeline/decouple.py)
@@ -68,31 +70,3 @@ def label_sets(cfg: Config, round_two: bool = True) -> dict[str, str]:
     if round_two and decoupled_ran(cfg):
         sets |= round_two_sets(cfg)
     return sets
-
-
-@dataclass(frozen=True)
-class Refiner:
-    fn: Callable[..., np.ndarray]
-    needs_image: bool
-    cache: bool = False
-    prepare: Callable[..., None] | None = None
-    names: bool = False
-
-
-REFINERS: Registry[Refiner] = Registry("refiner", "refine.refiners")
-get_refiner = REFINERS.get
-
-
-def register_refiner(name: str, needs_image: bool = False, cache: bool = False,
-                     prepare: Callable[..., None] | None = None, names: bool = False):
-    def deco(fn):
-        REFINERS.add(name, Refiner(fn, needs_image, cache, prepare, names))
-        return fn
-
-    return deco
-
-
-from pipeline.refine import crf as _crf  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import graphcut as _graphcut  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import sam as _sam  # noqa: E402,F401  (registers the refiners)
-from pipeline.refine import threshold as _threshold  # noqa: E402,F401  (registers the refiners)

@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.config import CRFConfig, RefineConfig
 from pipeline.data.dataset import IGNORE
 from pipeline.errors import DataError
-from pipeline.refine import register_refiner
+from pipeline.refine._registry import register_refiner
 
 
 def crf_probabilities(maps: np.ndarray, background: bool, alpha: float, power: float = 1.0,

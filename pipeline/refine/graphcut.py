@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.config import GraphCutConfig, RefineConfig
 from pipeline.data.dataset import IGNORE
 from pipeline.errors import DataError
-from pipeline.refine import register_refiner
+from pipeline.refine._registry import register_refiner
 
 _MIN_SAMPLES = 16  # pixels needed on each side of the initial mask to fit a 5-component colour GMM
 

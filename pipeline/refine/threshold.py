@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.config import RefineConfig
 from pipeline.data.dataset import IGNORE
-from pipeline.refine import register_refiner
+from pipeline.refine._registry import register_refiner
 
 
 def threshold_labels(maps: np.ndarray, classes: np.ndarray, background: bool, fg: float, bg: float | None = None,
