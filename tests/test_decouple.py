@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import on_tiny, write_rgb
+from conftest import write_rgb
 
 from pipeline.data import SegDataset
 from pipeline.data.dataset import Sample
@@ -103,25 +103,49 @@ def test_a_context_crop_holds_no_target_pixel():
     assert context_crop(image, np.ones_like(label), avoid=[0], background=True, rng=rng) is None
 
 
+def _map_leak(root, run, method: str, a: str, b: str) -> float:
+    """Class a's map on the GT pixels of class b over a's own, averaged over the train images holding both:
+    about 1 where a's map cannot tell a from b, lower as it separates them."""
+    from pipeline.data import read_mask
+    from pipeline.data.voc import read_voc
+    from pipeline.maps.io import load_maps
+
+    ds = read_voc(root, "train", True)
+    ia, ib = ds.classes.index(a), ds.classes.index(b)
+    on_b, on_a = [], []
+    for s in ds.samples:
+        if ia in s.labels and ib in s.labels:
+            gt = read_mask(s.mask_path)
+            maps, classes = load_maps(run / "maps" / method / f"{s.id}.npz", ds.classes)
+            m = maps[list(classes).index(ia)]
+            on_b.append(m[gt == ib + 1].mean())
+            on_a.append(m[gt == ia + 1].mean())
+    return float(np.mean(on_b) / np.mean(on_a))
+
+
 def test_the_decoupled_round_separates_a_bound_pair(tmp_path):
-    """star is never shown without ring: round 1's star map spreads over the rings, round 2's less."""
+    """star is never shown without ring: the first round's star map is as strong on the rings as on the stars;
+    the second round's must be measurably weaker on them. The recipe's pretrained backbone on a small set (a
+    network trained from scratch on it learns too little for cut-outs that hold the star alone)."""
     from pipeline.config import config_from_dict
     from pipeline.data.synthetic import generate
     from stages import STAGES
 
-    root = tmp_path / "bound"
-    generate(root, n_train=240, n_val=40, size=80, seed=1, classes=["disc", "square", "star", "ring"],
+    root, run = tmp_path / "bound", tmp_path / "run"
+    generate(root, n_train=240, n_val=40, size=112, seed=1, classes=["disc", "square", "star", "ring"],
              bound={"star": "ring"})
-    cfg = config_from_dict(on_tiny({
-        "run_dir": str(tmp_path / "run"), "data": {"kind": "voc", "root": str(root), "background": True},
-        "classifier": {"input_size": 80}, "maps": {"flip": False}, "decouple": {"epochs": 4},
-        "refine": {"refiners": ["threshold"], "threshold": {"fg": 0.6, "bg": 0.45}},
-        "segmenter": {"enabled": False}, "evaluate": {"faithfulness": {"enabled": False}}}))
-    for name in ("train_classifier", "make_maps", "refine", "affinity", "decouple", "export", "evaluate"):
+    cfg = config_from_dict({
+        "run_dir": str(run), "data": {"kind": "voc", "root": str(root), "background": True},
+        "classifier": {"input_size": 112, "epochs": 5, "batch_size": 32}, "maps": {"scales": [1.0], "flip": False},
+        "refine": {"refiners": ["graphcut"]}, "affinity": {"enabled": False}, "decouple": {"epochs": 3},
+        "segmenter": {"enabled": False}, "evaluate": {"faithfulness": {"enabled": False}}})
+    for name in ("train_classifier", "make_maps", "refine", "affinity", "decouple"):
         STAGES[name](cfg)
-    stats = json.loads((tmp_path / "run" / "label_stats.json").read_text())
+    stats = json.loads((run / "label_stats.json").read_text())
     assert [w["classes"] for w in stats["warnings"] if w["kind"] == "bound"] == [["star", "ring"]]
-    assert json.loads((tmp_path / "run" / "decouple.json").read_text())["classes"] == {"star": ["ring"]}
-    maps = json.loads((tmp_path / "run" / "metrics.json").read_text())["maps"]
-    before, after = maps["cam"]["per_class"]["star"]["iou"], maps["cam_dc"]["per_class"]["star"]["iou"]
-    assert after >= before + 0.05, (before, after)
+    decoupled = json.loads((run / "decouple.json").read_text())
+    assert decoupled["classes"] == {"star": ["ring"]} and decoupled["context_crops"] > 0
+    before, after = _map_leak(root, run, "cam", "star", "ring"), _map_leak(root, run, "cam_dc", "star", "ring")
+    assert before > 0.9, before  # the labels alone do bind star to ring
+    assert after <= before - 0.05, (before, after)
+    assert (run / "refined" / "graphcut_dc").is_dir()
