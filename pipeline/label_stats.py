@@ -22,7 +22,9 @@ import numpy as np
 UBIQUITOUS = 0.9  # a class in at least this share of the training images cannot be told from the rest of them
 INSEPARABLE = 0.9  # two classes each in at least this share of the other's images cannot be told apart
 BOUND = 0.9  # a class whose images hold another one at least this often is hardly seen without it
-FEW_IMAGES = 10  # fewer training images than this: too few to learn a class from
+# fewer training images than this: too few to learn a class from, and too few to say that it is bound to another
+# (one image of a dog on a sofa is no evidence that dogs come with sofas)
+FEW_IMAGES = 10
 
 
 @dataclass
@@ -103,7 +105,7 @@ def label_warnings(stats: LabelStats) -> list[LabelWarning]:
                                     "the image; add photos without it, or accept masks that spread over the image"))
     for i, a in enumerate(names):
         for j, b in enumerate(names):
-            if j == i or not (stats.counts[i] and stats.counts[j]):
+            if j == i or min(stats.counts[i], stats.counts[j]) < FEW_IMAGES:
                 continue
             ab, ba = cond[i, j], cond[j, i]  # P(b | a), P(a | b)
             if ab >= INSEPARABLE and ba >= INSEPARABLE:
@@ -120,12 +122,13 @@ def label_warnings(stats: LabelStats) -> list[LabelWarning]:
 
 
 def context_of(stats: LabelStats, share: float) -> dict[str, list[str]]:
-    """Each class with a context: ``{a: [b, ...]}`` for the classes b with P(b | a) >= ``share``, b != a. The
-    classes that are the targets of the context-decoupled round (pipeline/decouple.py)."""
+    """Each class with a context: ``{a: [b, ...]}`` for the classes b with P(b | a) >= ``share``, b != a, for the
+    classes with at least ``FEW_IMAGES`` training images. The targets of the context-decoupled round
+    (pipeline/decouple.py)."""
     cond = stats.conditional
     out = {}
     for i, a in enumerate(stats.classes):
-        if not stats.counts[i]:
+        if stats.counts[i] < FEW_IMAGES:
             continue
         ctx = [b for j, b in enumerate(stats.classes) if j != i and cond[i, j] >= share]
         if ctx:

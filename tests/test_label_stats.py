@@ -17,11 +17,11 @@ def kinds(stats: LabelStats) -> dict[str, list[tuple[str, ...]]]:
 
 
 def test_frequencies_and_conditional_shares_on_a_known_table():
-    # boat always with water; water alone twice; grass alone three times
-    labels = [(0, 1), (0, 1), (1,), (1,), (2,), (2,), (2,), (1, 2)]
+    # boat always with water; water alone twice; grass alone three times; each image ten times over
+    labels = [(0, 1), (0, 1), (1,), (1,), (2,), (2,), (2,), (1, 2)] * 10
     stats = label_stats(["boat", "water", "grass"], labels)
-    assert stats.images == 8
-    np.testing.assert_array_equal(stats.counts, [2, 5, 4])
+    assert stats.images == 80
+    np.testing.assert_array_equal(stats.counts, [20, 50, 40])
     np.testing.assert_allclose(stats.frequency, [0.25, 0.625, 0.5])
     cond = stats.conditional
     assert cond[0, 1] == 1.0  # P(water | boat)
@@ -31,6 +31,8 @@ def test_frequencies_and_conditional_shares_on_a_known_table():
     np.testing.assert_allclose(np.diag(cond), 1.0)
     assert context_of(stats, 0.9) == {"boat": ["water"]}
     assert context_of(stats, 0.4) == {"boat": ["water"], "water": ["boat"]}
+    # the same shares from a tenth of the images are too few to bind boat to water
+    assert context_of(label_stats(["boat", "water", "grass"], labels[:8]), 0.9) == {}
     round_trip = LabelStats.from_json(stats.to_json())
     np.testing.assert_array_equal(round_trip.together, stats.together)
     assert round_trip.classes == stats.classes
