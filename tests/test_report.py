@@ -21,7 +21,7 @@ from stages.cli import main
 from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = {"dataset": "Dataset", "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
+SECTIONS = {"dataset": "Dataset", "confidence": "Confidence and review queue", "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
             "pseudo-masks": "Pseudo-masks and baselines", "per-class": "Per-class IoU", "curves": "Curves",
             "samples": "Samples", "class-model": "Class model visualisations", "time": "Time per stage"}
 FAITHFULNESS_KEYS = {"average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "energy_pointing_game"}
@@ -105,7 +105,7 @@ def test_report_stage_skips_when_up_to_date_and_reruns_on_change(small_run, capl
     caplog.clear()
     assert main(["report", "--config", str(path), "--set", "report.samples=2"]) == 0
     assert "up to date" not in caplog.text
-    assert (run / "report.html").read_text().count('class="cap"') == 2
+    assert (run / "report.html").read_text().count('class="cap"') == 2 + 2  # samples and review queue
     assert main(["report", "--config", str(path)]) == 0  # back to the fixture's report
 
 
@@ -128,6 +128,24 @@ def test_report_shows_a_segmenter_only_when_metrics_has_one(small_run, tmp_path)
     assert "<th>segmenter (val)</th>" in html and "<th>segmenter_gt (val)</th>" in html  # per-class IoU columns
 
 
+def test_report_warns_of_unreliable_classes_and_shows_iou_beside_confidence(small_run, tmp_path):
+    run, path = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    cfg = load_config(path, {"run_dir": str(copy)})
+    manifest = json.loads((copy / "pseudo_masks" / "manifest.json").read_text())
+    weak = sorted(manifest["confidence"]["per_class"])[0]
+    manifest["confidence"]["per_class"] = {c: 0.12 if c == weak else 0.9 for c in manifest["confidence"]["per_class"]}
+    manifest["confidence"]["unreliable"] = [weak]
+    write_json(copy / "pseudo_masks" / "manifest.json", manifest)
+    html = build_report(cfg, maps_dataset(cfg))
+    section = html.split('<section id="confidence">')[1].split("</section>")[0]
+    assert section.count('class="warn"') == 1 and f"⚠ {weak}: confidence 0.12" in section
+    assert "IoU (GT)" in section  # the synthetic set has GT: the exported set's IoU beside the confidence
+    first_row = section.split("<tbody>")[1].split("</tr>")[0]
+    assert weak in first_row and "unreliable" in first_row  # ranked first
+
+
 def test_report_of_a_run_without_ground_truth(tiny_voc, tmp_path):
     root = tiny_voc(background=False)
     shutil.rmtree(root / "SegmentationClass")  # image-level labels only (labels.csv)
@@ -144,7 +162,16 @@ def test_report_of_a_run_without_ground_truth(tiny_voc, tmp_path):
     html = (tmp_path / "run" / "report.html").read_text()
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in html
-    assert "<th>GT</th>" not in html and html.count('class="cap"') == 3  # the 3 train images, no GT column
+    assert "<th>GT</th>" not in html and html.count('class="cap"') == 3 + 3  # the 3 train images, no GT column
+    # without GT the confidence is the quality figure: every class ranked, a warning per unreliable class, the queue
+    summary = json.loads((tmp_path / "run" / "pseudo_masks" / "manifest.json").read_text())["confidence"]
+    section = html.split('<section id="confidence">')[1].split("</section>")[0]
+    ranked = sorted(summary["per_class"], key=summary["per_class"].get)
+    positions = [section.index(f"</span>{c}</td>") for c in ranked]
+    assert len(ranked) == 3 and positions == sorted(positions)  # least confident first
+    assert section.count('class="warn"') == len(summary["unreliable"])
+    assert "IoU (GT)" not in section and "No GT masks: these are the run's quality figures" in section
+    assert section.count('class="cap"') == 3 and "disagreement" in section
 
 
 def chromium_or_skip() -> None:
