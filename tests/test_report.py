@@ -21,7 +21,8 @@ from stages.cli import main
 from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = {"dataset": "Dataset", "confidence": "Confidence and review queue", "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
+SECTIONS = {"dataset": "Dataset", "confidence": "Confidence and review queue",
+            "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
             "pseudo-masks": "Pseudo-masks and baselines", "per-class": "Per-class IoU", "curves": "Curves",
             "samples": "Samples", "class-model": "Class model visualisations", "time": "Time per stage"}
 FAITHFULNESS_KEYS = {"average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "energy_pointing_game"}
