@@ -180,8 +180,6 @@ def import_masks(run_dir: Path, ds: SegDataset, folder: Path) -> list[str]:
         if s is None:
             raise DataError(f"{path}: names no image of the run ({len(samples)} images, e.g. "
                             f"{next(iter(samples), '?')}.png)")
-        if path.stem in masks:
-            raise DataError(f"{path}: a second mask for image {path.stem}")
         mask = _read_correction(path, folder, ds, colours)
         shape = image_shape(s.image_path)
         if mask.shape != shape:

@@ -78,7 +78,8 @@ def _queue(builder: Any, manifest: dict, exported: str) -> str:
         return note("No image to review: every mask was corrected.")
     others = [r for r in builder.refiners if r != exported and (run / "refined" / r).is_dir()]
     samples = {s.id: s for s in ds.samples}
-    header = ["image", f"mask: {exported}", f"disagreement ({len(others)} other sets)"]
+    sets = f"{len(others)} other set" + ("" if len(others) == 1 else "s")
+    header = ["image", f"mask: {exported}", f"disagreement ({sets})"]
     width = max(64, min(opts.thumb, 1300 // len(header) - 6))
     rows = []
     for i in order:
