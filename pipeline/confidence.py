@@ -115,13 +115,17 @@ def run_confidence(ds: SegDataset, refined_dir: Path, exported: str, others: lis
                    bg_score: float) -> dict[str, dict[str, Any]]:
     """Image id -> :func:`image_confidence` for every image of ``ds``: the label set ``refined_dir/<exported>``
     against ``refined_dir/<other>`` for each of ``others``, the margin from the maps in ``maps_dir`` (the maps the
-    exported set refines). An image whose map file is missing gets margin 0."""
+    exported set refines). An image whose map file is missing gets margin 0; one without an exported mask, no
+    entry."""
     from pipeline.errors import DataError
     from pipeline.maps.io import load_maps
 
     out = {}
     for s in tqdm(ds.samples, desc="confidence", leave=False):
-        label = read_mask(refined_dir / exported / f"{s.id}.png")
+        path = refined_dir / exported / f"{s.id}.png"
+        if not path.exists():
+            continue  # the export names the missing file
+        label = read_mask(path)
         other = [read_mask(refined_dir / o / f"{s.id}.png", label.shape) for o in others
                  if (refined_dir / o / f"{s.id}.png").exists()]
         try:
