@@ -16,9 +16,11 @@ is part of its fingerprint): rerunning makes export, the segmenter and evaluate 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,9 +126,9 @@ def _colour_table(folder: Path, ds: SegDataset) -> dict[tuple[int, int, int], in
     return {rgb: index[name] for rgb, name in named.items()}
 
 
-def _read_correction(path: Path, folder: Path, ds: SegDataset, colours: dict | None) -> np.ndarray:
-    """A corrected mask as label indices [H,W] uint8: a palette or gray PNG as it is, an RGB one through the
-    colours of ``colours`` (``_colour_table``; made from ``folder`` when None)."""
+def _read_correction(path: Path, colours: Callable[[], dict[tuple[int, int, int], int]], where: str) -> np.ndarray:
+    """A corrected mask as label indices [H,W] uint8: a palette or gray PNG as it is, an RGB one through the table
+    ``colours()`` (``_colour_table``, made on first use); ``where`` names that table in errors."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -139,17 +141,16 @@ def _read_correction(path: Path, folder: Path, ds: SegDataset, colours: dict | N
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable mask ({exc})") from None
-    colours = colours if colours is not None else _colour_table(folder, ds)
+    table = colours()
     code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-    keys = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], np.int32)
-    values = np.array(list(colours.values()), np.uint8)
+    keys = np.array([(r << 16) | (g << 8) | b for r, g, b in table], np.int32)
+    values = np.array(list(table.values()), np.uint8)
     order = np.argsort(keys)
     pos = np.clip(np.searchsorted(keys[order], code), 0, len(keys) - 1)
     known = keys[order][pos] == code
     if not known.all():
         y, x = np.argwhere(~known)[0]
-        raise DataError(f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at x={x}, y={y} is no label of "
-                        f"{folder / 'labelmap.txt' if (folder / 'labelmap.txt').is_file() else 'the review package'}")
+        raise DataError(f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at x={x}, y={y} is no label of {where}")
     return values[order][pos]
 
 
@@ -173,14 +174,16 @@ def import_masks(run_dir: Path, ds: SegDataset, folder: Path) -> list[str]:
     folder = Path(folder)
     samples = {s.id: s for s in ds.samples}
     allowed = set(range(ds.num_labels)) | {IGNORE}
-    colours = None
+    labelmap = folder / "labelmap.txt"
+    where = str(labelmap) if labelmap.is_file() else "the review package's labelmap.txt"
+    colours = functools.cache(lambda: _colour_table(folder, ds))
     masks = {}
     for path in mask_files(folder):
         s = samples.get(path.stem)
         if s is None:
             raise DataError(f"{path}: names no image of the run ({len(samples)} images, e.g. "
                             f"{next(iter(samples), '?')}.png)")
-        mask = _read_correction(path, folder, ds, colours)
+        mask = _read_correction(path, colours, where)
         shape = image_shape(s.image_path)
         if mask.shape != shape:
             raise DataError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the upright image "

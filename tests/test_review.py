@@ -223,3 +223,26 @@ def test_a_bad_correction_ends_with_one_line_and_imports_nothing(tiny_run, tmp_p
     assert expected in err[0]
     after = sorted((p.name, p.read_bytes()) for p in corrections.glob("*.png")) if corrections.is_dir() else []
     assert after == before  # the good file was not imported either
+
+
+def test_palette_masks_import_as_label_indices_and_a_foreign_labelmap_is_refused(tiny_run, tmp_path, capsys):
+    from pipeline.runfolder import save_label_png
+
+    run, path = tiny_run
+    manifest = json.loads((run / "pseudo_masks" / "manifest.json").read_text())
+    image_id = sorted(manifest["images"])[-1]
+    h, w = read_mask(run / "pseudo_masks" / "SegmentationClass" / f"{image_id}.png").shape
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, : w // 2] = 2
+    mask[0] = 255
+    save_label_png(tmp_path / "flat" / f"{image_id}.png", mask)  # pseudo_masks' own format: indices
+    assert main(["import-masks", "--config", str(path), str(tmp_path / "flat")]) == 0
+    assert np.array_equal(read_mask(run / "corrections" / f"{image_id}.png"), mask)
+
+    cvat = tmp_path / "cvat"
+    _bad(cvat / "SegmentationClass", f"{image_id}.png", np.zeros((h, w, 3), np.uint8))
+    (cvat / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\ntree:9,9,9::\n")
+    capsys.readouterr()
+    assert main(["import-masks", "--config", str(path), str(cvat)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labelmap.txt: labels ['tree'] are not classes of the dataset" in err[0]
