@@ -189,11 +189,11 @@ def chromium_or_skip() -> None:
         pytest.skip(message)
 
 
-def test_report_renders_in_headless_chromium(small_run, tmp_path):
-    chromium_or_skip()
+def render(report: Path, tmp_path: Path) -> tuple[list, list, list, list, str]:
+    """report.html in headless Chromium: (console errors, outside requests, images [alt, complete, width],
+    section headings, the confidence section's text); a full-page screenshot in tmp_path/report.png."""
     from playwright.sync_api import sync_playwright
 
-    run, _ = small_run
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:  # a fresh profile (user data dir) of its own
@@ -205,14 +205,53 @@ def test_report_renders_in_headless_chromium(small_run, tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
-            page.goto((run / "report.html").resolve().as_uri(), wait_until="load")
+            page.goto(report.resolve().as_uri(), wait_until="load")
             images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
             headings = page.evaluate("Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
+            confidence = page.evaluate("document.querySelector('#confidence').innerText")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             context.close()
+    return errors, requests, images, headings, confidence
+
+
+def test_report_renders_in_headless_chromium(small_run, tmp_path):
+    chromium_or_skip()
+    run, _ = small_run
+    errors, requests, images, headings, _ = render(run / "report.html", tmp_path)
     assert errors == [] and requests == []
     assert len(images) >= 3 * 6 + 3
     assert [alt for alt, complete, width in images if not complete or width == 0] == []
     assert set(SECTIONS.values()) <= set(headings)
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_of_a_folder_dataset_without_masks_in_headless_chromium(tiny_voc, tmp_path):
+    """A user's photos: a folder dataset (images/, labels.csv, classes.txt; no masks/). The report's main quality
+    figures are then the confidence: the classes ranked, a warning per unreliable class, the review queue."""
+    chromium_or_skip()
+    voc = tiny_voc(background=False)
+    root = tmp_path / "photos"
+    shutil.copytree(voc / "JPEGImages", root / "images")
+    shutil.copy(voc / "labels.csv", root / "labels.csv")
+    shutil.copy(voc / "classes.txt", root / "classes.txt")
+    cfg = {"run_dir": str(tmp_path / "run"), "device": "cpu",
+           "data": {"kind": "folder", "root": str(root), "background": False, "val_split": ""},
+           "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 1, "batch_size": 2},
+           "maps": {"flip": False, "split": "all"}, "refine": {"workers": "1", "refiners": ["threshold", "graphcut"]},
+           "segmenter": {"enabled": False}, "evaluate": {"faithfulness": {"enabled": False}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
+    run_stages(path)
+    summary = json.loads((tmp_path / "run" / "pseudo_masks" / "manifest.json").read_text())["confidence"]
+    errors, requests, images, headings, text = render(tmp_path / "run" / "report.html", tmp_path)
+    assert errors == [] and requests == []
+    assert [alt for alt, complete, width in images if not complete or width == 0] == []
+    assert "Confidence and review queue" in headings
+    queue = [alt for alt, _, _ in images if alt.endswith("disagreement (1 other set)")]
+    assert len(queue) == 4  # the 4 images, least confident first
+    ranked = sorted(summary["per_class"], key=summary["per_class"].get)
+    table = text.split("class\tconfidence")[1]
+    assert [table.index(f"{c}\t") for c in ranked] == sorted(table.index(f"{c}\t") for c in ranked)
+    assert text.count("⚠") == len(summary["unreliable"])
+    assert "No GT masks: these are the run's quality figures" in text
