@@ -66,8 +66,14 @@ def export_refiner(name: str, refined: list[str]) -> str:
 
 
 def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images: str = "link",
-                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest."""
+                        provenance: dict[str, Any] | None = None, confidence: dict[str, dict] | None = None,
+                        corrections: Path | None = None) -> dict[str, Any]:
+    """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest. ``confidence``:
+    image id -> its confidence entry (``pipeline.confidence.image_confidence``), written into the manifest with
+    ``confidence`` over the run (``summarise``); ``corrections``: a folder of masks a person corrected
+    (``<id>.png``, ``wsss import-masks``), exported instead of the refined ones and marked ``corrected``."""
+    from pipeline.confidence import corrected, summarise
+
     names = ds.label_names
     manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
                                 "skipped_without_labels": len(ds.skipped), "images": {}}
@@ -75,9 +81,10 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
             (tmp / sub).mkdir(parents=True)
         for s in tqdm(ds.samples, desc="export", leave=False):
-            src = refined_dir / f"{s.id}.png"
+            fixed = Path(corrections) / f"{s.id}.png" if corrections is not None else None
+            src = fixed if fixed is not None and fixed.is_file() else refined_dir / f"{s.id}.png"
             label = _refined(src)
-            shutil.copyfile(src, tmp / "SegmentationClass" / src.name)
+            shutil.copyfile(src, tmp / "SegmentationClass" / f"{s.id}.png")
             _place_image(s.image_path, tmp / "JPEGImages" / f"{s.id}.jpg", label.shape, images)
             counts = np.bincount(label.ravel(), minlength=256)
             n = label.size
@@ -86,6 +93,10 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
                 "coverage": {names[k]: round(float(counts[k] / n), 4) for k in range(len(names)) if counts[k]},
                 "ignore_ratio": round(float(counts[IGNORE] / n), 4),
             }
+            if src == fixed:
+                manifest["images"][s.id] |= corrected()
+            elif confidence is not None and s.id in confidence:
+                manifest["images"][s.id] |= confidence[s.id]
         ids = [s.id for s in ds.samples]
         write_text(tmp / "ImageSets/Segmentation/train.txt", "\n".join(ids) + "\n")
         write_text(tmp / "classes.txt", "\n".join(ds.classes) + "\n")
@@ -93,6 +104,8 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
         write_text(tmp / "labels.csv", "image,labels\n" + "\n".join(rows) + "\n")
         ratios = [v["ignore_ratio"] for v in manifest["images"].values()]
         manifest["summary"] = {"images": len(ids), "mean_ignore_ratio": round(float(np.mean(ratios)), 4)}
+        if confidence is not None or corrections is not None:
+            manifest["confidence"] = summarise(manifest["images"], ds.classes)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

@@ -1,5 +1,6 @@
-"""Command line: ``wsss <stage>|all [--config configs/default.yaml] [--force] [--set key=value ...]``, and
-``wsss predict --images DIR --out DIR [--checkpoint runs/<name>/segmenter.pt] [--crf]``.
+"""Command line: ``wsss <stage>|all [--config configs/default.yaml] [--force] [--set key=value ...]``,
+``wsss predict --images DIR --out DIR [--checkpoint runs/<name>/segmenter.pt] [--crf]``, and the review round trip:
+``wsss review [--limit N] [--out DIR]`` and ``wsss import-masks <folder>`` (stages/review.py).
 
 Errors a user can cause end in one line naming the file or key, with exit status 2 (no traceback).
 Ctrl-C ends with exit status 130; rerunning the same command resumes where the stage stopped.
@@ -53,26 +54,38 @@ def main(argv: list[str] | None = None) -> int:
     from stages import STAGES
 
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=[*STAGES, "all", "predict"],
-                        help="the stage to run, all of them in order, or predict (a trained segmenter on a folder)")
+    parser.add_argument("stage", choices=[*STAGES, "all", "predict", *COMMANDS],
+                        help="the stage to run, all of them in order, predict (a trained segmenter on a folder), "
+                             "review (the least-confident masks as a CVAT package) or import-masks (corrected masks)")
+    parser.add_argument("folder", nargs="?", help="import-masks: the folder of corrected masks (an export from CVAT)")
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys (repeatable: every --set counts)")
     predict = parser.add_argument_group("predict")
     predict.add_argument("--images", help="folder of images to segment")
-    predict.add_argument("--out", help="output folder: masks/<image>.png, overlays/<image>.jpg, legend.json")
+    predict.add_argument("--out", help="output folder: masks/<image>.png, overlays/<image>.jpg, legend.json; "
+                                       "review: the package's folder (default <run_dir>/review)")
+    parser.add_argument("--limit", type=int, help="review: the number of images (default 20; more than the run "
+                                                  "has means all)")
     predict.add_argument("--checkpoint", help="segmenter checkpoint (default: <run_dir>/segmenter.pt)")
     predict.add_argument("--crf", action="store_true", help="dense-CRF post-processing (default: segmenter.crf)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # import-masks --config C <folder>: the folder after the options
     if args.stage == "predict" and not (args.images and args.out):
         parser.error("predict needs --images DIR and --out DIR")
+    if (args.stage == "import-masks") != bool(args.folder):
+        parser.error("import-masks needs the folder of corrected masks" if args.folder is None else
+                     f"unexpected argument {args.folder!r} (a folder is for import-masks)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("wsss")
     try:
         cfg = load_config(args.config, _parse_set(args.set))
         if args.stage == "predict":
             _predict(cfg, args, log)
+            return 0
+        if args.stage in COMMANDS:
+            with run_lock(cfg.run_path):
+                COMMANDS[args.stage](cfg, args)
             return 0
         names = list(STAGES) if args.stage == "all" else [args.stage]
         check_torchrun_command(names)  # under torchrun: one training stage only, else a one-line error
@@ -95,6 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _review(cfg, args: argparse.Namespace) -> None:
+    from stages.review import review
+
+    review(cfg, args.limit, args.out)
+
+
+def _import_masks(cfg, args: argparse.Namespace) -> None:
+    from stages.review import import_corrections
+
+    import_corrections(cfg, args.folder)
+
+
+COMMANDS = {"review": _review, "import-masks": _import_masks}  # on a run folder, apart from the stages
 
 
 def _predict(cfg, args: argparse.Namespace, log: logging.Logger) -> None:

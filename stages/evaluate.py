@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline.confidence import confidence_metrics, read_confidence
 from pipeline.config import Config
 from pipeline.data import check_mask_sizes, load_dataset
 from pipeline.device import resolve_device
@@ -65,6 +66,9 @@ def run(cfg: Config, force: bool = False) -> None:
         metrics["pseudo_masks"] = {r: {**evaluate_labels(ds, gts, run_dir / "refined" / r), "maps": maps}
                                    for r, maps in label_sets(cfg).items()}
         metrics["baselines"] = evaluate_baselines(ds, gts)
+    confidence = confidence_metrics(read_confidence(run_dir), metrics.get("pseudo_masks"))  # no GT needed
+    if confidence is not None:
+        metrics["confidence"] = confidence
     faithfulness_s = None
     if cfg.evaluate.faithfulness.enabled:  # cached in faithfulness.json: only what changed is recomputed
         t1 = time.perf_counter()

@@ -2,10 +2,13 @@
 (which refiner: ``pipeline.export.export_refiner``), then each other format of ``export.formats`` from it into
 ``exports/<format>/``. The formats are not part of the stage's fingerprint (the segmenter trains on the VOC
 export, which they leave alone): adding one writes just that one, and each format's folder records the
-fingerprint of the VOC export it came from (``pipeline.export.FORMAT_MARKER``)."""
+fingerprint of the VOC export it came from (``pipeline.export.FORMAT_MARKER``). The manifest gets each image's
+confidence (``pipeline.confidence``); masks a person corrected (``<run>/corrections/``, ``wsss import-masks``) are
+exported instead of the refined ones, and are an input of the stage."""
 
 from __future__ import annotations
 
+from pipeline.confidence import run_confidence
 from pipeline.config import Config
 from pipeline.export import (
     export_pseudo_masks,
@@ -15,6 +18,7 @@ from pipeline.export import (
     write_formats,
 )
 from pipeline.refine import label_sets
+from pipeline.review import CORRECTIONS, corrections_fingerprint
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from stages.common import log, maps_dataset
 
@@ -24,8 +28,9 @@ def run(cfg: Config, force: bool = False) -> None:
     refined = label_sets(cfg)
     refiner = export_refiner(e.refiner, list(refined))  # checked before anything changes
     walk = [stage_fingerprint(run_dir, "affinity")] if cfg.affinity.enabled else []
+    fixed = [c] if (c := corrections_fingerprint(run_dir)) else []
     fp = fingerprint(voc_section_hash(cfg), stage_fingerprint(run_dir, "refine"), *walk,
-                     stage_fingerprint(run_dir, "decouple"))
+                     stage_fingerprint(run_dir, "decouple"), *fixed)
     stage = Stage(run_dir, "export", fp)
     voc_done = stage.is_done() and not force
     formats = formats_to_write(run_dir / "exports", e.formats, fp, force=not voc_done)
@@ -36,10 +41,16 @@ def run(cfg: Config, force: bool = False) -> None:
     if not voc_done:
         ds = maps_dataset(cfg)
         map_method = refined[refiner]
+        confidence = run_confidence(ds, run_dir / "refined", refiner, [r for r in refined if r != refiner],
+                                    run_dir / "maps" / map_method, cfg.refine.threshold.fg)
         manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
-                                       provenance={"refiner": refiner, "map_method": map_method})
+                                       provenance={"refiner": refiner, "map_method": map_method},
+                                       confidence=confidence, corrections=run_dir / CORRECTIONS)
         log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
                  run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
+        c = manifest["confidence"]
+        log.info("export: mean confidence %s%s%s", c["mean"], f", {c['corrected']} corrected" if c["corrected"]
+                 else "", f"; unreliable classes: {', '.join(c['unreliable'])}" if c["unreliable"] else "")
     for name, wrote in write_formats(run_dir / "pseudo_masks", run_dir / "exports", formats, e.images, fp).items():
         log.info("export: %s in %s (%s)", name, run_dir / "exports" / name, ", ".join(f"{v} {k}" for k, v in
                                                                                       wrote.items()))

