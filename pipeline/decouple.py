@@ -45,8 +45,8 @@ ERODE = 0.02  # erosion of a cut-out, as a share of its image's shorter side (at
 MIN_AREA = 0.01  # a cut-out covers at least this share of its image after erosion
 MIN_SCORE = 0.3  # a cut-out's mean map score of its class inside
 PASTE_SCALE = (0.6, 1.0)  # a cut-out is pasted at this range of its own size (relative to the host's side)
-CROP_SIDES = (0.6, 0.5, 0.4, 0.3)  # a context crop's sides, as shares of its image's: the largest that fits
-CROP_PLACES = 16  # free places of one size tried for a window that holds the context
+CROP_SIDE = (0.35, 0.6)  # a context crop's side, as a share of its image's side
+CROP_TRIES = 12  # random windows tried per image for a context crop
 CROP_MARGIN = 0.05  # the target's pixels, dilated by this share of the shorter side, stay out of a crop
 
 
@@ -101,13 +101,9 @@ def cut_outs(image: np.ndarray, label: np.ndarray, maps: dict[int, np.ndarray], 
 
 
 def context_crop(image: np.ndarray, label: np.ndarray, avoid: list[int], background: bool,
-                 rng: np.random.Generator, want: set[int] | None = None) -> ContextCrop | None:
-    """The largest window of ``CROP_SIDES`` (shares of the image's sides, largest first) that holds none of the
-    ``avoid`` classes' pixels (dilated by CROP_MARGIN), no ignored pixel and, given ``want``, one of those classes,
-    at a random one of its places (``CROP_PLACES`` tried), labelled with the classes of ``label`` inside it; None
-    when there is no such window. The free places come
-    from the summed-area table of the banned pixels, so every place is looked at, not a few random ones: on
-    photos the target often fills the middle, and the free windows are few."""
+                 rng: np.random.Generator) -> ContextCrop | None:
+    """A window of the image that holds none of the ``avoid`` classes' pixels (dilated by CROP_MARGIN) and no
+    ignored pixel, labelled with the classes of ``label`` inside it; None when CROP_TRIES windows all fail."""
     import cv2
 
     h, w = label.shape
@@ -115,20 +111,15 @@ def context_crop(image: np.ndarray, label: np.ndarray, avoid: list[int], backgro
     banned = np.isin(label, [c + offset for c in avoid]).astype(np.uint8)
     banned = cv2.dilate(banned, _disk(max(1, round(CROP_MARGIN * min(h, w))))) > 0
     banned |= label == IGNORE
-    table = np.pad(banned.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    for share in CROP_SIDES:
-        ch, cw = max(8, int(share * h)), max(8, int(share * w))
-        if ch > h or cw > w:
+    for _ in range(CROP_TRIES):
+        ch, cw = (max(8, int(rng.uniform(*CROP_SIDE) * s)) for s in (h, w))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        if banned[y:y + ch, x:x + cw].any():
             continue
-        # banned pixels in the window at (y, x), for every top-left corner at once
-        inside = table[ch:, cw:] - table[:-ch, cw:] - table[ch:, :-cw] + table[:-ch, :-cw]
-        ys, xs = np.nonzero(inside == 0)
-        for k in rng.permutation(len(ys))[:CROP_PLACES]:
-            y, x = int(ys[k]), int(xs[k])
-            values = np.unique(label[y:y + ch, x:x + cw])
-            labels = tuple(int(v) - offset for v in values if v != IGNORE and v >= offset)
-            if labels and (want is None or want & set(labels)):
-                return ContextCrop("", image[y:y + ch, x:x + cw].copy(), labels)
+        values = np.unique(label[y:y + ch, x:x + cw])
+        labels = tuple(int(v) - offset for v in values if v != IGNORE and v >= offset)
+        if labels:
+            return ContextCrop("", image[y:y + ch, x:x + cw].copy(), labels)
     return None
 
 
@@ -158,9 +149,9 @@ def build_bank(ds: SegDataset, label_dir: Path, maps_dir: Path, context: dict[in
         maps, classes = load_maps(maps_dir / f"{s.id}.npz", ds.classes)
         by_class = {int(c): m for c, m in zip(classes, maps, strict=True)}
         cuts += cut_outs(image, label, by_class, targets, ds.background, s.id)
+        crop = context_crop(image, label, targets, ds.background, rng)
         ctx = {b for c in targets for b in context[c]}
-        crop = context_crop(image, label, targets, ds.background, rng, want=ctx)
-        if crop is not None:
+        if crop is not None and ctx & set(crop.labels):
             crops.append(ContextCrop(s.id, crop.image, crop.labels))
     return Bank(cuts, crops)
 

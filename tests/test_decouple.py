@@ -149,15 +149,3 @@ def test_the_decoupled_round_separates_a_bound_pair(tmp_path):
     assert before > 0.9, before  # the labels alone do bind star to ring
     assert after <= before - 0.05, (before, after)
     assert (run / "refined" / "graphcut_dc").is_dir()
-
-
-def test_a_context_crop_is_found_beside_a_target_that_fills_the_middle():
-    label = np.full((100, 150), 2, np.uint8)  # context (class 1) everywhere ...
-    label[10:90, 50:100] = 1  # ... but a large target (class 0) in the middle: free strips on the sides only
-    image = np.zeros((100, 150, 3), np.uint8)
-    image[label == 1] = 255
-    crop = context_crop(image, label, avoid=[0], background=True, rng=np.random.default_rng(0), want={1})
-    assert crop is not None and crop.labels == (1,) and not (crop.image == 255).any()
-    assert crop.image.shape[0] >= 30 and crop.image.shape[1] >= 8
-    # no window holds the wanted class: none
-    assert context_crop(image, label, avoid=[0], background=True, rng=np.random.default_rng(0), want={5}) is None
