@@ -149,8 +149,8 @@ def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
     assert rel_norm(weights(single), weights(run_dir)) < 0.05
     # rank 0 alone logs and writes: one line per epoch, the outputs of one run, no leftovers
     assert "cpu x 2 processes" in log and log.count("epoch 2/2  loss") == 1 and log.count("train_classifier: ") == 2
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "classifier.pt", "config.yaml", "plots",
-                                                         "train_classifier.done.json", "train_log.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "classifier.pt", "config.yaml", "label_stats.json",
+                                                         "plots", "train_classifier.done.json", "train_log.json"]
 
 
 def test_ddp_one_process_is_the_plain_run(base, single):

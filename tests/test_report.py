@@ -21,7 +21,7 @@ from stages.cli import main
 from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = {"dataset": "Dataset", "confidence": "Confidence and review queue",
+SECTIONS = {"dataset": "Dataset", "labels": "What the labels can teach", "confidence": "Confidence and review queue",
             "classifier": "Classifier", "methods": "Methods: mIoU and faithfulness",
             "pseudo-masks": "Pseudo-masks and baselines", "per-class": "Per-class IoU", "curves": "Curves",
             "samples": "Samples", "class-model": "Class model visualisations", "time": "Time per stage"}
@@ -90,6 +90,10 @@ def test_report_is_self_contained_with_every_section(small_run):
     for sid, title in SECTIONS.items():
         assert f'<section id="{sid}"><h2>{title}</h2>' in html
     assert 'id="segmenter"' not in html  # metrics.json has no segmenter
+    labels = html.split('<section id="labels">')[1].split("</section>")[0]
+    stats = json.loads((run / "label_stats.json").read_text())
+    assert labels.count('class="warn"') == len(stats["warnings"])  # every warning of label_stats.json, once
+    assert labels.count("<img ") == 1 and "P(b | a)" in labels  # the co-occurrence heatmap
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith(("data:", "#")) for s in sources), [s[:40] for s in sources]
     assert "url(" not in html and "@import" not in html and "<script" not in html

@@ -21,6 +21,7 @@ from pipeline.report.html import (
     e,
     figure,
     fmt,
+    grid,
     img,
     key,
     note,
@@ -318,11 +319,8 @@ class ReportBuilder:
                             f'<td class="note">{e("missing")}</td>' for t, a in zip(tiles, alts, strict=True))
             legend = " ".join(swatch(self.colours[ds.label_of(c)], ds.classes[c]) for c in s.labels)
             cap = (f"<b>{e(s.id)}</b> · maps of <b>{e(ds.classes[shown])}</b> · labels: {legend}")
-            rows.append(f'<tr><td class="cap" colspan="{len(header)}">{cap}</td></tr><tr>{cells}</tr>')
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        out = f'<div class="grid"><table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}' \
-              f"</tbody></table></div>"
-        return out + note(
+            rows.append((cap, cells))
+        return grid(header, rows) + note(
             f"{len(chosen)} images spread over the {len(ds)} with maps (<code>report.samples</code>). Maps: the named "
             "class's map over the image (jet: blue 0 → red 1). Masks and GT: each class in its colour"
             + (", background dimmed" if ds.background else "") + ", ignored pixels (255) whitened.")

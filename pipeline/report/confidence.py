@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.confidence import UNRELIABLE, read_confidence, review_order
 from pipeline.report import figures as fg
-from pipeline.report.html import cards, e, fmt, img, note, num, swatch, table
+from pipeline.report.html import cards, e, fmt, grid, img, note, num, swatch, table
 
 DISAGREE = np.array([230, 40, 40], np.float32)  # pixels where another label set gives another label
 
@@ -104,11 +104,8 @@ def _queue(builder: Any, manifest: dict, exported: str) -> str:
         weak = ", ".join(f"{e(c)} {v['confidence']:.2f}" for c, v in sorted(classes.items(),
                                                                           key=lambda kv: kv[1]["confidence"]))
         cap = f"<b>{e(i)}</b> · confidence <b>{entry.get('confidence', 0):.2f}</b> · classes: {weak}"
-        rows.append(f'<tr><td class="cap" colspan="{len(header)}">{cap}</td></tr><tr>{cells}</tr>')
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    out = f'<div class="grid"><table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}' \
-          f"</tbody></table></div>"
-    return out + note(
+        rows.append((cap, cells))
+    return grid(header, rows) + note(
         f"The {len(rows)} least-confident images (<code>report.samples</code>), first to review: the exported mask, "
         "and in red the pixels where another label set gives another label (white: ignored). "
         "<code>wsss review --limit N</code> writes them as a CVAT package; docs/review.md says how to correct "

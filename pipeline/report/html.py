@@ -134,3 +134,12 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
             f'<link rel="icon" href="data:,">\n<style>{CSS}</style>\n</head>\n<body>\n'
             f'<header><h1>{e(title)}</h1><p>{subtitle}</p></header>\n<nav>{nav}</nav>\n<main>\n{body}\n</main>\n'
             f'</body>\n</html>\n')
+
+
+def grid(header: Sequence[str], rows: Iterable[tuple[str, str]]) -> str:
+    """A grid of image tiles: one row of cells (``<td>``s) under a caption row per entry of ``rows``
+    ((caption html, cells html)), under the column ``header``."""
+    body = "".join(f'<tr><td class="cap" colspan="{len(header)}">{cap}</td></tr><tr>{cells}</tr>'
+                   for cap, cells in rows)
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    return f'<div class="grid"><table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
