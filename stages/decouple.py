@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from pipeline.config import Config
 from pipeline.data import load_dataset
 from pipeline.data.transforms import classifier_train_transform
@@ -23,7 +21,7 @@ from pipeline.label_stats import context_of, label_stats
 from pipeline.maps.generate import generate_maps
 from pipeline.models import load_classifier
 from pipeline.refine import DECOUPLED, SUFFIX, label_sets, round_two_sets
-from pipeline.refine.affinity import AffinityHead, collect, walk_maps
+from pipeline.refine.affinity import collect, load_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint, write_json
 from pipeline.train import train_classifier
@@ -54,9 +52,8 @@ def run(cfg: Config, force: bool = False) -> None:
         stage.finish(classes=[])
         return
 
-    source = export_refiner(cfg.export.refiner if cfg.export.refiner in label_sets(cfg, round_two=False) else "auto",
-                            list(label_sets(cfg, round_two=False)))
-    sets = label_sets(cfg, round_two=False)
+    sets = label_sets(cfg, round_two=False)  # the first round's: the cut-outs come from the one export would take
+    source = export_refiner(cfg.export.refiner if cfg.export.refiner in sets else "auto", list(sets))
     mapped = maps_dataset(cfg)
     have = {s.id for s in mapped.samples}
     train_ds.samples = [s for s in train_ds.samples if s.id in have]  # the bank needs their maps and labels
@@ -92,10 +89,8 @@ def run(cfg: Config, force: bool = False) -> None:
         first, _ = load_classifier(run_dir / "classifier.pt", device)
         a = cfg.affinity
         feats = collect(first, ckpt, mapped, [run_dir / "refined" / r for r in a.labels_from], a, device)
-        head = AffinityHead([f.shape[0] for f in feats[0].feats], a.dim).to(device)
-        head.load_state_dict(torch.load(run_dir / "affinity.pt", map_location=device)["state_dict"])
         walked = run_dir / "maps" / (method + DECOUPLED + SUFFIX)
-        walk_maps(head.eval(), feats, mapped, maps_dir, walked, a, device)
+        walk_maps(load_head(run_dir / "affinity.pt", feats, a, device), feats, mapped, maps_dir, walked, a, device)
         maps_dir, refiners = walked, a.refiners
     for name, out in zip(refiners, round_two_sets(cfg), strict=True):
         refine_split(name, mapped, maps_dir, run_dir / "refined" / out, cfg.refine, ray=cfg.ray,

@@ -213,6 +213,13 @@ def train_head(items: list[_Item], cfg: AffinityConfig, device: torch.device,
     return head.eval(), losses
 
 
+def load_head(path: Path, items: list[_Item], cfg: AffinityConfig, device: torch.device) -> AffinityHead:
+    """The head the affinity stage trained and saved (``affinity.pt``), for features like ``items``', in eval mode."""
+    head = AffinityHead([f.shape[0] for f in items[0].feats], cfg.dim).to(device)
+    head.load_state_dict(torch.load(path, map_location=device)["state_dict"])
+    return head.eval()
+
+
 def walk_maps(head: AffinityHead, items: list[_Item], ds: SegDataset, maps_dir: Path, out_dir: Path,
               cfg: AffinityConfig, device: torch.device) -> None:
     """Each image's maps of ``maps_dir`` after the random walk -> ``out_dir/<id>.npz`` (same classes)."""
