@@ -102,13 +102,18 @@ def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool) 
                       "least_confident_to_gt": round(reviewed, 4), "random_to_gt": round(float(np.mean(random)), 4),
                       "random_draws": [round(v, 4) for v in random]}}
     if choose:
-        out["choose"] = {}
+        out["choose"], scores, labels = {}, {}, {}
         for r, maps in sets.items():
             c = run_confidence(ds, run / "refined", r, [o for o in sets if o != r], run / "maps" / maps,
                                cfg.refine.threshold.fg)
-            m = {s.id: read_mask(run / "refined" / r / f"{s.id}.png") for s in ds.samples}
+            labels[r] = {s.id: read_mask(run / "refined" / r / f"{s.id}.png") for s in ds.samples}
+            scores[r] = {i: c[i]["confidence"] for i in ids}
             out["choose"][r] = {"mean_confidence": summarise(c, ds.classes)["mean"],
-                                "miou": round(miou_with(ds, gts, m), 4)}
+                                "miou": round(miou_with(ds, gts, labels[r]), 4)}
+        # per image: the set whose mask of that image is the most confident (ties: the fixed order's first)
+        best = {i: max(sets, key=lambda r: (scores[r][i], -list(sets).index(r))) for i in ids}
+        out["choose_per_image"] = {"miou": round(miou_with(ds, gts, {i: labels[best[i]][i] for i in ids}), 4),
+                                   "picked": {r: sum(1 for v in best.values() if v == r) for r in sets}}
     return out
 
 
