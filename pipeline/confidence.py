@@ -32,7 +32,6 @@ neither per image (they would need the classifier or the decoder again at export
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -112,46 +111,12 @@ def image_confidence(exported: np.ndarray, others: list[np.ndarray], margin: np.
                             for k, v in c.items()} for n, c in classes.items()}}
 
 
-def pixel_confidence(exported: np.ndarray, others: list[np.ndarray], margin: np.ndarray) -> np.ndarray:
-    """The confidence of each pixel of an exported label map [H,W] (float32 in [0, 1]): the mean of its margin and
-    of the share of the other label sets that give it the same label (among those that label it; where none does,
-    the margin alone). Ignored pixels (255): 0. What ``Confidence/<id>.png`` of the export holds."""
-    valid = exported != IGNORE
-    if not others:
-        return np.where(valid, margin, 0.0).astype(np.float32)
-    same = np.zeros(exported.shape, np.float32)
-    seen = np.zeros(exported.shape, np.float32)
-    for other in others:
-        labelled = other != IGNORE
-        seen += labelled
-        same += labelled & (other == exported)
-    agreement = np.divide(same, seen, out=np.zeros_like(same), where=seen > 0)
-    both = np.where(seen > 0, (agreement + margin) / 2, margin)
-    return np.where(valid, both, 0.0).astype(np.float32)
-
-
-def save_pixel_confidence(path: Path, conf: np.ndarray) -> None:
-    """A per-pixel confidence [H,W] in [0, 1] as an 8-bit gray PNG (value = round(255 x confidence))."""
-    from PIL import Image
-
-    from pipeline.runfolder import atomic_write_bytes
-
-    buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(conf, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_pixel_confidence(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """:func:`save_pixel_confidence`'s file back as float32 in [0, 1]."""
-    return read_mask(path, shape).astype(np.float32) / 255.0
-
-
 def run_confidence(ds: SegDataset, refined_dir: Path, exported: str, others: list[str], maps_dir: Path,
-                   bg_score: float, pixel_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+                   bg_score: float) -> dict[str, dict[str, Any]]:
     """Image id -> :func:`image_confidence` for every image of ``ds``: the label set ``refined_dir/<exported>``
     against ``refined_dir/<other>`` for each of ``others``, the margin from the maps in ``maps_dir`` (the maps the
     exported set refines). An image whose map file is missing gets margin 0; one without an exported mask, no
-    entry. With ``pixel_dir``, each image's :func:`pixel_confidence` is written there as ``<id>.png``."""
+    entry."""
     from pipeline.errors import DataError
     from pipeline.maps.io import load_maps
 
@@ -171,8 +136,6 @@ def run_confidence(ds: SegDataset, refined_dir: Path, exported: str, others: lis
         if margin.shape != label.shape:
             margin = np.zeros(label.shape, np.float32)
         out[s.id] = image_confidence(label, other, margin, {ds.label_of(c): ds.classes[c] for c in s.labels})
-        if pixel_dir is not None:
-            save_pixel_confidence(Path(pixel_dir) / f"{s.id}.png", pixel_confidence(label, other, margin))
     return out
 
 

@@ -308,9 +308,6 @@ class SegmenterConfig:
     crop_size: int = 256  # training crops (padded with ignore where the scaled image is smaller)
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random rescaling in training
     epochs: int = 8  # passes over the pseudo-masks
-    # weight each pixel's loss by the export's confidence in it (pseudo_masks/Confidence/, pipeline/confidence.py):
-    # pixels the label sets disagree on, or the maps barely prefer, teach less. Pseudo-masks only (not the GT twin)
-    confidence_weights: bool = False
     batch_size: int = 8  # crops per optimiser step
     lr: float = 1e-3  # AdamW, head; cosine schedule with a short warm-up
     backbone_lr_mult: float = 0.3  # the pretrained backbone learns at lr x this

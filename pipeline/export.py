@@ -3,9 +3,7 @@ of which refined label set is exported.
 
 ``pseudo_masks/`` holds JPEGImages/<id>.jpg, SegmentationClass/ (palette PNGs in the source
 dataset's label index space, 255 = ignore), ImageSets/Segmentation/train.txt, classes.txt, labels.csv
-and manifest.json (per image: classes, coverage of each class, ignore ratio, confidence), and Confidence/ (each
-pixel's confidence as an 8-bit gray PNG, 255 = 1: ``pipeline.confidence.pixel_confidence``, for a trainer's
-per-pixel loss weights). It is a VOC-layout dataset
+and manifest.json (per image: classes, coverage of each class, ignore ratio). It is a VOC-layout dataset
 the readers take as it is, so a segmenter trains on pseudo-masks or on GT with the same code.
 
 Every image is ``JPEGImages/<id>.jpg``, upright and of its mask's size, because readers of the layout
@@ -42,7 +40,6 @@ from pipeline.runfolder import atomic_dir, read_json, write_json, write_text
 # set; sam only runs where a config names it, and measured better than graphcut on real photos only). A new
 # refiner takes its place here; its walked label set (<name>_rw) ranks with the others' walked sets.
 AUTO_ORDER = ["sam", "graphcut", "crf", "threshold"]
-CONFIDENCE = "Confidence"  # pseudo_masks/Confidence/<id>.png
 JPEG_QUALITY = 95  # of the images written as JPEG (not linked): nearly lossless, about 3x a linked photo's size
 
 
@@ -70,14 +67,12 @@ def export_refiner(name: str, refined: list[str]) -> str:
 
 def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images: str = "link",
                         provenance: dict[str, Any] | None = None, confidence: dict[str, dict] | None = None,
-                        corrections: Path | None = None, pixel_confidence: Path | None = None) -> dict[str, Any]:
+                        corrections: Path | None = None) -> dict[str, Any]:
     """Write the dataset to ``out_dir`` (swapped into place at the end) and return its manifest. ``confidence``:
     image id -> its confidence entry (``pipeline.confidence.image_confidence``), written into the manifest with
     ``confidence`` over the run (``summarise``); ``corrections``: a folder of masks a person corrected
-    (``<id>.png``, ``wsss import-masks``), exported instead of the refined ones and marked ``corrected``;
-    ``pixel_confidence``: a folder of per-pixel confidences (``<id>.png``, ``run_confidence(pixel_dir=)``), moved
-    into ``Confidence/`` (a corrected mask's: 1 wherever it labels)."""
-    from pipeline.confidence import corrected, save_pixel_confidence, summarise
+    (``<id>.png``, ``wsss import-masks``), exported instead of the refined ones and marked ``corrected``."""
+    from pipeline.confidence import corrected, summarise
 
     names = ds.label_names
     manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
@@ -85,8 +80,6 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
     with atomic_dir(out_dir) as tmp:
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
             (tmp / sub).mkdir(parents=True)
-        if pixel_confidence is not None:
-            (tmp / CONFIDENCE).mkdir()
         for s in tqdm(ds.samples, desc="export", leave=False):
             fixed = Path(corrections) / f"{s.id}.png" if corrections is not None else None
             src = fixed if fixed is not None and fixed.is_file() else refined_dir / f"{s.id}.png"
@@ -104,12 +97,6 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
                 manifest["images"][s.id] |= corrected()
             elif confidence is not None and s.id in confidence:
                 manifest["images"][s.id] |= confidence[s.id]
-            if pixel_confidence is not None:
-                dst = tmp / CONFIDENCE / f"{s.id}.png"
-                if src == fixed:
-                    save_pixel_confidence(dst, (label != IGNORE).astype(np.float32))
-                elif (Path(pixel_confidence) / f"{s.id}.png").is_file():
-                    shutil.move(Path(pixel_confidence) / f"{s.id}.png", dst)
         ids = [s.id for s in ds.samples]
         write_text(tmp / "ImageSets/Segmentation/train.txt", "\n".join(ids) + "\n")
         write_text(tmp / "classes.txt", "\n".join(ds.classes) + "\n")

@@ -187,8 +187,7 @@ def fit(loss_net: nn.Module, net: nn.Module, backbone_params: list[nn.Parameter]
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main)
         for x, y in bar:
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            y = tuple(t.to(device, non_blocking=True) for t in y) if isinstance(y, (tuple, list)) \
-                else y.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             with autocast(device):
                 parts = model(x, y)
             loss = sum(parts.values())

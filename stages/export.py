@@ -8,9 +8,6 @@ exported instead of the refined ones, and are an input of the stage."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from pipeline.confidence import run_confidence
 from pipeline.config import Config
 from pipeline.export import (
@@ -44,13 +41,11 @@ def run(cfg: Config, force: bool = False) -> None:
     if not voc_done:
         ds = maps_dataset(cfg)
         map_method = refined[refiner]
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".confidence.") as pixels:
-            confidence = run_confidence(ds, run_dir / "refined", refiner, [r for r in refined if r != refiner],
-                                        run_dir / "maps" / map_method, cfg.refine.threshold.fg, pixel_dir=pixels)
-            manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
-                                           provenance={"refiner": refiner, "map_method": map_method},
-                                           confidence=confidence, corrections=run_dir / CORRECTIONS,
-                                           pixel_confidence=Path(pixels))
+        confidence = run_confidence(ds, run_dir / "refined", refiner, [r for r in refined if r != refiner],
+                                    run_dir / "maps" / map_method, cfg.refine.threshold.fg)
+        manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
+                                       provenance={"refiner": refiner, "map_method": map_method},
+                                       confidence=confidence, corrections=run_dir / CORRECTIONS)
         log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
                  run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
         c = manifest["confidence"]

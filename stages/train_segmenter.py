@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data import Sample, SegDataset, load_dataset
@@ -19,7 +18,6 @@ from pipeline.data.voc import read_voc
 from pipeline.device import seed_everything
 from pipeline.distributed import DistContext, distributed
 from pipeline.errors import UserError
-from pipeline.export import CONFIDENCE
 from pipeline.models.segmenter import build_segmenter, segmenter_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint, write_json
@@ -28,7 +26,6 @@ from stages.common import dataset_fingerprint, log, maps_dataset, masks_fingerpr
 
 # Keys that change how a trained segmenter is used or whether it runs, not its weights.
 NOT_TRAINING = ("enabled", "upper_bound", "crf", "flip_test", "test_scales")
-PSEUDO_ONLY = ("confidence_weights",)  # keys that change the pseudo-mask segmenter only, not the GT twin
 
 
 def _pseudo_masks(cfg: Config, ds: SegDataset) -> Callable[[], list[Sample]]:
@@ -53,7 +50,7 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     s = cfg.segmenter
     ds = maps_dataset(cfg)  # the images that have pseudo-masks, and whose GT the twin trains on
     val = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
-    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_TRAINING + PSEUDO_ONLY}
+    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_TRAINING}
     common = (training, cfg.section_hash("data"), cfg.seed, weights_fingerprint(s.pretrained),
               (dataset_fingerprint(val), masks_fingerprint(val)) if val else None)
     gt = (lambda: labelled_samples(ds, "GT masks (segmenter.masks: gt)"),
@@ -61,10 +58,8 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     if s.masks == "gt":
         _train(cfg, "segmenter", *gt, ds, val, "gt", force, ctx)
         return
-    weights = cfg.run_path / "pseudo_masks" / CONFIDENCE if s.confidence_weights else None
-    _train(cfg, "segmenter", _pseudo_masks(cfg, ds), fingerprint(*common, stage_fingerprint(cfg.run_path, "export"),
-                                                                 *(["confidence_weights"] if weights else [])),
-           ds, val, "pseudo", force, ctx, weights)
+    _train(cfg, "segmenter", _pseudo_masks(cfg, ds), fingerprint(*common, stage_fingerprint(cfg.run_path, "export")),
+           ds, val, "pseudo", force, ctx)
     if not s.upper_bound:
         return
     if all(x.mask_path for x in ds.samples):
@@ -75,7 +70,7 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
 
 
 def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str, ds: SegDataset,
-           val: SegDataset | None, masks: str, force: bool, ctx: DistContext, weights: Path | None = None) -> None:
+           val: SegDataset | None, masks: str, force: bool, ctx: DistContext) -> None:
     run_dir, s = cfg.run_path, cfg.segmenter
     stage = Stage(run_dir, f"train_{name}", fp)
     if stage.is_done() and not force:
@@ -93,12 +88,11 @@ def _train(cfg: Config, name: str, samples: Callable[[], list[Sample]], fp: str,
                                     s.output_stride, s.frozen_stages, s.fast_cpu_convs)
     info = {"input_size": s.input_size, "mean": list(backbone.mean), "std": list(backbone.std),
             "classes": ds.classes, "background": ds.background}
-    log.info("train_%s: deeplabv3/%s on %d images with %s masks%s (%s%s), %d epochs", name, s.backbone,
-             len(train_samples), masks, " weighted by their confidence" if weights else "", device,
-             f" x {ctx.world_size} processes" if ctx.distributed else "",
+    log.info("train_%s: deeplabv3/%s on %d images with %s masks (%s%s), %d epochs", name, s.backbone,
+             len(train_samples), masks, device, f" x {ctx.world_size} processes" if ctx.distributed else "",
              s.epochs)
     history = train_segmenter(net, list(net.backbone.parameters()), info, s, train_samples, val, device, cfg.seed,
-                              resume_path, fp, name, ctx, weights)
+                              resume_path, fp, name, ctx)
     if not ctx.is_main:
         return
 

@@ -17,14 +17,7 @@ import yaml
 from conftest import on_tiny
 from PIL import Image
 
-from pipeline.confidence import (
-    image_confidence,
-    margin_map,
-    pixel_confidence,
-    read_pixel_confidence,
-    review_order,
-    summarise,
-)
+from pipeline.confidence import image_confidence, margin_map, review_order, summarise
 from pipeline.data import read_mask
 from stages.cli import main
 
@@ -87,16 +80,6 @@ def test_a_class_the_mask_misses_has_confidence_zero_and_ignored_pixels_lower_it
     assert alone["confidence"] == 1.0 and alone["confidence_signals"]["agreement"] is None
 
 
-def test_pixel_confidence_is_the_mean_of_agreement_share_and_margin():
-    exported = np.array([[1, 1, 0, 255]], np.uint8)
-    others = [np.array([[1, 0, 255, 1]], np.uint8), np.array([[1, 1, 255, 1]], np.uint8)]
-    margin = np.array([[0.8, 0.4, 0.6, 0.9]], np.float32)
-    # pixel 0: both agree (1.0) -> (1 + 0.8) / 2; pixel 1: one of two (0.5) -> (0.5 + 0.4) / 2;
-    # pixel 2: no other set labels it -> its margin; pixel 3: ignored in the export -> 0
-    assert np.allclose(pixel_confidence(exported, others, margin), [[0.9, 0.45, 0.6, 0.0]])
-    assert np.allclose(pixel_confidence(exported, [], margin), [[0.8, 0.4, 0.6, 0.0]])
-
-
 def test_summary_and_review_order_leave_corrected_images_out():
     per_image = {"a": {"confidence": 0.9, "class_confidence": {"cat": {"confidence": 0.9}}},
                  "b": {"confidence": 0.2, "class_confidence": {"cat": {"confidence": 0.1}, "dog": {"confidence": 0.3}}},
@@ -138,11 +121,6 @@ def test_manifest_and_metrics_carry_the_confidence(tiny_run):
     assert metrics["confidence"]["per_class"] == summary["per_class"]
     assert metrics["confidence"]["exported"] == "graphcut"
     assert set(metrics["confidence"]["iou"]) == set(summary["per_class"])  # GT: the exported set's IoU beside it
-    for image_id in manifest["images"]:  # each pixel's confidence, beside its mask: 0 where the mask ignores
-        label = read_mask(run / "pseudo_masks" / "SegmentationClass" / f"{image_id}.png")
-        conf = read_pixel_confidence(run / "pseudo_masks" / "Confidence" / f"{image_id}.png", label.shape)
-        assert (conf[label == 255] == 0).all() and 0 < conf[label != 255].mean() <= 1
-    assert not list(run.glob(".confidence.*"))  # the scratch folder is gone
 
 
 def _edit_as_cvat_would(package: Path, image_id: str, out: Path, colour: tuple[int, int, int]) -> np.ndarray:
@@ -192,8 +170,6 @@ def test_review_import_export_round_trip(tiny_run, tmp_path):
     assert np.array_equal(exported, fixed)
     entry = json.loads((run / "pseudo_masks" / "manifest.json").read_text())["images"][first]
     assert entry["corrected"] is True and entry["confidence"] == 1.0
-    conf = read_pixel_confidence(run / "pseudo_masks" / "Confidence" / f"{first}.png")
-    assert np.array_equal(conf == 1.0, fixed != 255)
     assert first not in review_order(json.loads((run / "pseudo_masks" / "manifest.json").read_text()))
 
     # a second import of the same masks changes nothing: export stays up to date
@@ -270,29 +246,3 @@ def test_palette_masks_import_as_label_indices_and_a_foreign_labelmap_is_refused
     assert main(["import-masks", "--config", str(path), str(cvat)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "labelmap.txt: labels ['tree'] are not classes of the dataset" in err[0]
-
-
-def test_the_segmenter_weighs_pixels_by_confidence_and_names_a_missing_weight_file(tiny_run, capsys, caplog):
-    run, path = tiny_run
-    assert main(["export", "--config", str(path)]) == 0
-    plain = json.loads((run / "train_segmenter.done.json").read_text())["fingerprint"]
-    weighted = ["train_segmenter", "--config", str(path), "--set", "segmenter.confidence_weights=true"]
-    with caplog.at_level("INFO"):
-        assert main(weighted) == 0
-    assert "with pseudo masks weighted by their confidence" in caplog.text
-    capsys.readouterr()
-    assert json.loads((run / "train_segmenter.done.json").read_text())["fingerprint"] != plain
-    # an export without Confidence/ (an older version's): one line naming the file, and the weights are kept
-    confidence = run / "pseudo_masks" / "Confidence"
-    first = sorted(confidence.glob("*.png"))[0]
-    kept = first.read_bytes()
-    weights = (run / "segmenter.pt").read_bytes()
-    first.unlink()
-    try:
-        assert main([*weighted, "--force"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1] == f"error: {first}: no per-pixel confidence for this image (segmenter.confidence_weights " \
-                          "needs the export's Confidence/ folder: rerun wsss export --force)"
-        assert (run / "segmenter.pt").read_bytes() == weights
-    finally:
-        first.write_bytes(kept)

@@ -13,14 +13,12 @@ from conftest import on_tiny
 from PIL import Image
 
 from pipeline.config import CRFConfig
-from pipeline.data import Sample
-from pipeline.data.transforms import segmenter_train_transform
 from pipeline.errors import ConfigError, UserError
 from pipeline.models.backbones import create_backbone
 from pipeline.models.segmenter import DeepLabV3, build_segmenter, load_segmenter, segmenter_state
 from pipeline.runfolder import save_torch, voc_palette
 from pipeline.segmenter.predict import Predictor, checked_scales, overlay
-from pipeline.segmenter.train import MaskedImages, segmentation_loss
+from pipeline.segmenter.train import segmentation_loss
 from stages.cli import main
 from tests.conftest import write_rgb
 
@@ -52,44 +50,6 @@ def test_all_ignored_batch_gives_zero_loss_not_nan():
     loss = segmentation_loss(logits, torch.full((1, 4, 4), 255))
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(loss) and logits.grad.abs().max() == 0
-
-
-def test_pixel_weights_weigh_the_mean_and_zero_weight_is_ignored():
-    torch.manual_seed(1)
-    logits = torch.randn(2, 4, 5, 6)
-    target = torch.randint(0, 4, (2, 5, 6))
-    target[0, 0] = 255
-    assert torch.allclose(segmentation_loss(logits, target, torch.ones(2, 5, 6)), segmentation_loss(logits, target))
-    weight = torch.rand(2, 5, 6)
-    weight[1, :, :2] = 0  # a zero weight is the same as an ignored pixel
-    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
-    valid = target != 255
-    by_hand = (ce * weight)[valid].sum() / weight[valid].sum()
-    assert torch.allclose(segmentation_loss(logits, target, weight), by_hand, atol=1e-6)
-    ignored = target.clone()
-    ignored[1, :, :2] = 255
-    assert torch.allclose(segmentation_loss(logits, target, (weight > 0).float()), segmentation_loss(logits, ignored),
-                          atol=1e-6)
-
-
-def test_pixel_weights_follow_the_masks_augmentation(tmp_path):
-    rng = np.random.default_rng(0)
-    samples, weights = [], tmp_path / "w"
-    weights.mkdir()
-    for i in range(2):
-        write_rgb(tmp_path / f"{i}.png", rng.integers(0, 255, (40, 60, 3), np.uint8))
-        mask = rng.integers(0, 3, (40, 60)).astype(np.uint8)
-        Image.fromarray(mask, "L").save(tmp_path / f"m{i}.png")
-        Image.fromarray((mask * 100).astype(np.uint8), "L").save(weights / f"{i}.png")  # weight = label / 2.55
-        samples.append(Sample(str(i), tmp_path / f"{i}.png", (0,), tmp_path / f"m{i}.png"))
-    ds = MaskedImages(samples, segmenter_train_transform(48, 32, (0.7, 1.3), (0.5,) * 3, (0.25,) * 3), seed=0,
-                      weights=weights)
-    for i in range(2):
-        _, (label, weight) = ds[i]
-        kept = label != 255
-        assert kept.any() and torch.allclose(weight[kept], label[kept].float() * 100 / 255)
-    plain = MaskedImages(samples, segmenter_train_transform(48, 32, (0.7, 1.3), (0.5,) * 3, (0.25,) * 3), seed=0)
-    assert torch.equal(plain[1][1], ds[1][1][0])  # the same draw of the augmentation with or without weights
 
 
 def test_deeplabv3_outputs_logits_at_input_size():

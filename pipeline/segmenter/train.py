@@ -24,20 +24,12 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.segmenter.predict import Predictor, score_segmenter
 from pipeline.train import LossNet, fit
 
-Target = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # labels [B,H,W], or (labels, pixel weights [B,H,W])
 
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean pixel cross-entropy over the pixels whose label is not 255: an ignored pixel adds neither loss
-    nor gradient. A batch with no labelled pixel gives 0 (not NaN). With ``weight`` [B,H,W] >= 0 the mean is
-    weighted: sum(w * ce) / sum(w) over the labelled pixels."""
-    if weight is None:
-        total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-        return total / (target != IGNORE).sum().clamp_min(1)
-    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")
-    weight = weight * (target != IGNORE)
-    return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+    nor gradient. A batch with no labelled pixel gives 0 (not NaN)."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp_min(1)
 
 
 class MaskedImages(Dataset):
@@ -46,15 +38,12 @@ class MaskedImages(Dataset):
     Item ``i`` of epoch ``e`` (:meth:`set_epoch`) is augmented with a seed made of (``seed``, ``e``, ``i``) only,
     so an augmentation does not depend on which loader worker or process draws it."""
 
-    def __init__(self, samples: list[Sample], transform, seed: int = 0, progress: bool = True,
-                 weights: Path | None = None):
-        self.images, self.masks, self.weights = [], [], []
+    def __init__(self, samples: list[Sample], transform, seed: int = 0, progress: bool = True):
+        self.images, self.masks = [], []
         for s in tqdm(samples, desc="decode", leave=False, disable=not progress):
             image = read_image(s.image_path)
             self.images.append(image)
             self.masks.append(read_mask(s.mask_path, image.shape[:2]))
-            if weights is not None:  # 8-bit gray, 255 = weight 1 (the export's Confidence/)
-                self.weights.append(read_mask(_weight_file(weights, s.id), image.shape[:2]))
         self.transform = transform
         self.seed, self.epoch_seed = seed, seed * 1000
 
@@ -66,21 +55,8 @@ class MaskedImages(Dataset):
 
     def __getitem__(self, i: int):
         self.transform.set_random_seed((self.epoch_seed * 1_000_003 + i) % 2**31)
-        if not self.weights:
-            out = self.transform(image=self.images[i], mask=self.masks[i])
-            return to_chw(out["image"]), torch.from_numpy(out["mask"].astype(np.int64))
-        out = self.transform(image=self.images[i], masks=[self.masks[i], self.weights[i]])
-        mask, weight = out["masks"]
-        return to_chw(out["image"]), (torch.from_numpy(mask.astype(np.int64)),
-                                      torch.from_numpy(weight.astype(np.float32) / 255.0))
-
-
-def _weight_file(folder: Path, image_id: str) -> Path:
-    path = Path(folder) / f"{image_id}.png"
-    if not path.is_file():
-        raise DataError(f"{path}: no per-pixel confidence for this image (segmenter.confidence_weights needs the "
-                        "export's Confidence/ folder: rerun wsss export --force)")
-    return path
+        out = self.transform(image=self.images[i], mask=self.masks[i])
+        return to_chw(out["image"]), torch.from_numpy(out["mask"].astype(np.int64))
 
 
 def labelled_samples(ds: SegDataset, what: str) -> list[Sample]:
@@ -91,26 +67,21 @@ def labelled_samples(ds: SegDataset, what: str) -> list[Sample]:
     return list(ds.samples)
 
 
-def segmenter_losses(net: nn.Module, x: torch.Tensor, y: Target) -> dict[str, torch.Tensor]:
+def segmenter_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """The segmenter's training loss (``pipeline.train.LossNet`` wraps it for the training loop)."""
-    return {"ce": segmentation_loss(net(x), *y) if isinstance(y, tuple) else segmentation_loss(net(x), y)}
+    return {"ce": segmentation_loss(net(x), y)}
 
 
-def labelled_pixels(x: torch.Tensor, y: Target) -> float:
-    """What the loss averages over: the batch's pixels not labelled 255 (at least 1), or their summed weight."""
-    if isinstance(y, tuple):
-        labels, weight = y
-        return max(1e-6, float((weight * (labels != IGNORE)).sum()))
+def labelled_pixels(x: torch.Tensor, y: torch.Tensor) -> int:
+    """What the loss averages over: the batch's pixels not labelled 255 (at least 1)."""
     return max(1, int((y != IGNORE).sum()))
 
 
 def train_segmenter(net: nn.Module, backbone_params: list[nn.Parameter], ckpt_info: dict[str, Any],
                     cfg: SegmenterConfig, train_samples: list[Sample], val_ds: SegDataset | None,
                     device: torch.device, seed: int, resume_path: Path, fingerprint: str,
-                    name: str = "segmenter", ctx: DistContext | None = None, weights: Path | None = None
-                    ) -> list[dict[str, Any]]:
+                    name: str = "segmenter", ctx: DistContext | None = None) -> list[dict[str, Any]]:
     """Train ``net`` in place; returns the per-epoch history (loss, val mIoU when ``val_ds`` has GT masks).
-    ``weights``: a folder of per-pixel loss weights (``<id>.png``, 8-bit gray, 255 = 1) for the training images.
 
     ``ckpt_info`` carries the preprocessing that prediction uses (input_size, mean, std, classes, background).
     Under torchrun ``ctx`` shares each batch among the processes and shards the validation images."""
@@ -119,7 +90,7 @@ def train_segmenter(net: nn.Module, backbone_params: list[nn.Parameter], ckpt_in
     mean, std = ckpt_info["mean"], ckpt_info["std"]
     train = MaskedImages(train_samples, segmenter_train_transform(cfg.input_size, cfg.crop_size,
                                                                   tuple(cfg.scale_range), mean, std), seed,
-                         progress=ctx.is_main, weights=weights)
+                         progress=ctx.is_main)
     if len(train) < 2:
         where = train_samples[0].mask_path.parent if train_samples else "segmenter"
         raise DataError(f"{where}: {len(train)} training image(s) for the segmenter; it needs 2 or more "
