@@ -7,7 +7,10 @@ folder and without rerunning a stage (it writes nothing into the run folder; GT 
 - the review's worth on masks: the exported set's mIoU after replacing the masks of the 10% least-confident images
   with their GT, against 10% random images (mean of ``--draws`` draws);
 - with ``--choose``: each complete label set's mean confidence (against the others) and mIoU, i.e. whether choosing
-  the exported set by confidence would beat ``export.refiner: auto``'s fixed order.
+  the exported set by confidence would beat ``export.refiner: auto``'s fixed order;
+- with ``--signals``: the two signals the confidence leaves out, the classifier's probability of each of the image's
+  labels and SAM's predicted IoU of each class's prompts (computed here again: the run keeps neither), each alone and
+  each added to the plain mean, scored by the same three measures.
 
 ``python scripts/confidence_check.py --config configs/msrc21.yaml --run runs/msrc21 [--json out.json]``
 """
@@ -53,7 +56,107 @@ def miou_with(ds, gts, masks: dict[str, np.ndarray]) -> float:
     return conf.miou()
 
 
-def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool) -> dict:
+def classifier_probabilities(cfg, ds, checkpoint: Path) -> dict[str, dict[str, float]]:
+    """Image id -> {class name: the classifier's sigmoid probability of it}, for the image's own labels: the
+    whole upright image at its size, as make_maps sees it at scale 1."""
+    import torch
+
+    from pipeline.data import read_image
+    from pipeline.maps.inference import to_tensor
+    from pipeline.models import load_classifier
+
+    net, ckpt = load_classifier(checkpoint, "cpu")
+    out = {}
+    with torch.inference_mode():
+        for s in ds.samples:
+            p = torch.sigmoid(net(to_tensor(read_image(s.image_path), ckpt["mean"], ckpt["std"], "cpu")))[0]
+            out[s.id] = {ds.classes[c]: float(p[c]) for c in s.labels}
+    return out
+
+
+def sam_predicted_iou(cfg, ds, maps_dir: Path) -> dict[str, dict[str, float]]:
+    """Image id -> {class name: the mean predicted IoU of the SAM masks that the sam refiner keeps for the class}:
+    its prompts on ``maps_dir``'s maps, each prompt's mask chosen as ``prompt_labels`` chooses it, the embeddings
+    from the run's cache. Classes with no kept mask are left out."""
+    from pipeline.data import read_image
+    from pipeline.maps.io import load_maps
+    from pipeline.refine.sam import class_prompts, embedding, load_model, one_thread
+
+    s = cfg.refine.sam
+    model = load_model(s, "cpu")
+    stuff = {n.lower() for n in s.stuff or ()}
+    out = {}
+    for smp in ds.samples:
+        image = read_image(smp.image_path)
+        maps, classes = load_maps(maps_dir / f"{smp.id}.npz", ds.classes)
+        with one_thread():
+            emb = embedding(image, model, cfg.run_path / "cache" / "sam" / smp.id)
+        hw = model.input_shape(*image.shape[:2])
+        out[smp.id] = {}
+        for k, c in enumerate(classes):
+            name = ds.classes[int(c)]
+            if name.lower() in stuff:
+                continue
+            boxes, peaks = class_prompts(maps[k].astype(np.float32), s)
+            if not len(boxes):
+                continue
+            masks, conf = model.decode(emb, hw, image.shape[:2], boxes, peaks if s.points else None, s.multimask)
+            kept = []
+            for n in range(masks.shape[0]):
+                scores = [float(conf[n, j]) * float(maps[k][masks[n, j]].astype(np.float32).mean())
+                          if masks[n, j].any() else -np.inf for j in range(masks.shape[1])]
+                j = int(np.argmax(scores))
+                if scores[j] >= s.min_score:
+                    kept.append(float(np.clip(conf[n, j], 0.0, 1.0)))
+            if kept:
+                out[smp.id][name] = float(np.mean(kept))
+    return out
+
+
+def extra_signals(cfg, ds, exported: str, maps: str) -> dict[str, dict[str, dict[str, float]]]:
+    """The signals the confidence leaves out, for the exported set: ``classifier`` (the checkpoint that made its
+    maps: the decoupled round's for a ``_dc`` set) and, for a sam set, ``sam_iou``."""
+    run = cfg.run_path
+    ckpt = run / ("classifier_dc.pt" if "_dc" in exported and (run / "classifier_dc.pt").exists() else "classifier.pt")
+    out = {"classifier": classifier_probabilities(cfg, ds, ckpt)}
+    if exported.startswith("sam"):
+        out["sam_iou"] = sam_predicted_iou(cfg, ds, run / "maps" / maps)
+    return out
+
+
+def signal_variants(per_image: dict, extra: dict) -> dict[str, dict]:
+    """Per-image confidence entries (as run_confidence gives them) for: the confidence as it is, each extra signal
+    alone, each added to the plain mean, and all added. An image's value of a signal is the mean over its classes;
+    a class the mask misses keeps confidence 0, as in the confidence."""
+    def variant(names: tuple[str, ...], alone: bool) -> dict:
+        out = {}
+        for i, v in per_image.items():
+            sig = {} if alone else {k: x for k, x in v["confidence_signals"].items() if x is not None}
+            cls = {}
+            for name, c in v["class_confidence"].items():
+                base = {} if alone else {k: c[k] for k in ("agreement", "margin") if c.get(k) is not None}
+                add = {n: extra[n][i][name] for n in names if name in extra[n].get(i, {})}
+                vals = list((base | add).values()) or [c["confidence"]]  # no value of the signal: as it is
+                cls[name] = {"confidence": 0.0 if c.get("missing") else float(np.mean(vals))}
+            for n in names:
+                vals = list(extra[n].get(i, {}).values())
+                if vals:
+                    sig[n] = float(np.mean(vals))
+            out[i] = {"confidence": float(np.mean(list(sig.values()))) if sig else v["confidence"],
+                      "class_confidence": cls}
+        return out
+
+    names = tuple(extra)
+    variants = {"as it is": per_image}
+    for n in names:
+        variants[f"{n} alone"] = variant((n,), True)
+        variants[f"+ {n}"] = variant((n,), False)
+    if len(names) > 1:
+        variants["+ " + " + ".join(names)] = variant(names, False)
+    return variants
+
+
+def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, signals: bool) -> dict:
     ds = maps_dataset(cfg)
     run = cfg.run_path
     sets = complete_sets(cfg, ds)
@@ -63,44 +166,52 @@ def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool) 
     per_image = run_confidence(ds, run / "refined", exported, [r for r in sets if r != exported],
                                run / "maps" / sets[exported], cfg.refine.threshold.fg)
     seconds = (time.perf_counter() - t0) / len(ds)
-    summary = summarise(per_image, ds.classes)
     masks = {s.id: read_mask(run / "refined" / exported / f"{s.id}.png") for s in ds.samples}
 
     ids = [s.id for s in ds.samples]
-    image_miou = []
+    image_miou = {}
     for i in ids:
         c = ConfusionMatrix(ds.num_labels)
         c.update(gts[i], masks[i])
-        image_miou.append(c.miou())
-    conf_img = [per_image[i]["confidence"] for i in ids]
-    keep = [k for k, v in enumerate(image_miou) if not np.isnan(v)]
-    rho_img = spearman([conf_img[k] for k in keep], [image_miou[k] for k in keep])
-
+        image_miou[i] = c.miou()
     total = ConfusionMatrix(ds.num_labels)
     for i in ids:
         total.update(gts[i], masks[i])
     iou = total.per_class(ds.label_names)
-    classes = [c for c in summary["per_class"] if (iou.get(c) or {}).get("iou") is not None]
-    rho_cls = spearman([summary["per_class"][c] for c in classes], [iou[c]["iou"] for c in classes])
-    worst = sorted(summary["per_class"], key=summary["per_class"].get)[:5]
-
     n = max(1, round(fraction * len(ids)))
-    base = miou_with(ds, gts, masks)
-    least = set(sorted(ids, key=lambda i: (per_image[i]["confidence"], i))[:n])
-    reviewed = miou_with(ds, gts, {i: gts[i] if i in least else masks[i] for i in ids})
     rng = np.random.default_rng(0)
     random = []
     for _ in range(draws):
         pick = set(rng.choice(ids, n, replace=False).tolist())
         random.append(miou_with(ds, gts, {i: gts[i] if i in pick else masks[i] for i in ids}))
+    base = miou_with(ds, gts, masks)
+
+    def measure(per_image: dict) -> dict:
+        """Spearman per image and per class, the least-confident classes and the review's worth of a confidence."""
+        summary = summarise(per_image, ds.classes)
+        keep = [i for i in ids if not np.isnan(image_miou[i])]
+        rho_img = spearman([per_image[i]["confidence"] for i in keep], [image_miou[i] for i in keep])
+        classes = [c for c in summary["per_class"] if (iou.get(c) or {}).get("iou") is not None]
+        rho_cls = spearman([summary["per_class"][c] for c in classes], [iou[c]["iou"] for c in classes])
+        worst = sorted(summary["per_class"], key=summary["per_class"].get)[:5]
+        least = set(sorted(ids, key=lambda i: (per_image[i]["confidence"], i))[:n])
+        reviewed = miou_with(ds, gts, {i: gts[i] if i in least else masks[i] for i in ids})
+        return {"spearman_image": round(rho_img, 3), "spearman_class": round(rho_cls, 3),
+                "least_confident_classes": [(c, summary["per_class"][c], round(iou[c]["iou"], 3)) for c in worst],
+                "per_class": {c: {"confidence": summary["per_class"][c], "iou": round(iou[c]["iou"], 3)}
+                              for c in classes},
+                "review": {"fraction": fraction, "images": n, "miou": round(base, 4),
+                           "least_confident_to_gt": round(reviewed, 4),
+                           "random_to_gt": round(float(np.mean(random)), 4),
+                           "random_draws": [round(v, 4) for v in random],
+                           "gain_ratio": round((reviewed - base) / (float(np.mean(random)) - base), 2)}}
+
     out = {"run": str(run), "images": len(ids), "exported": exported, "other_sets": [r for r in sets if r != exported],
-           "seconds_per_image": round(seconds, 4),
-           "spearman_image": round(rho_img, 3), "spearman_class": round(rho_cls, 3),
-           "least_confident_classes": [(c, summary["per_class"][c], round(iou[c]["iou"], 3)) for c in worst],
-           "per_class": {c: {"confidence": summary["per_class"][c], "iou": round(iou[c]["iou"], 3)} for c in classes},
-           "review": {"fraction": fraction, "images": n, "miou": round(base, 4),
-                      "least_confident_to_gt": round(reviewed, 4), "random_to_gt": round(float(np.mean(random)), 4),
-                      "random_draws": [round(v, 4) for v in random]}}
+           "seconds_per_image": round(seconds, 4), **measure(per_image)}
+    if signals:
+        extra = extra_signals(cfg, ds, exported, sets[exported])
+        out["signals"] = {name: {k: v for k, v in measure(variant).items() if k != "per_class"}
+                          for name, variant in signal_variants(per_image, extra).items()}
     if choose:
         out["choose"], scores, labels = {}, {}, {}
         for r, maps in sets.items():
@@ -126,10 +237,12 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--choose", action="store_true", help="also each set's mean confidence and mIoU")
+    parser.add_argument("--signals", action="store_true",
+                        help="also the classifier's probability and SAM's predicted IoU as signals")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     cfg = load_config(args.config, {"run_dir": args.run} if args.run else {})
-    out = check(cfg, args.exported, args.draws, args.fraction, args.choose)
+    out = check(cfg, args.exported, args.draws, args.fraction, args.choose, args.signals)
     text = json.dumps(out, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
