@@ -5,6 +5,10 @@ stage never leaves a half-written file that a later stage would trust. ``<stage>
 the fingerprint of the stage's config sections and inputs; a stage whose fingerprint is unchanged is
 skipped. ``<stage>.partial.json`` marks a stage under way: a rerun with the same fingerprint keeps the
 per-item outputs already written, a rerun with another fingerprint starts that stage afresh.
+
+The stages after a stage take its recorded identity as an input. A first run's identity is its fingerprint, so
+the same config and inputs give the same identities in any run folder. A stage redone over its own finished
+outputs (``--force``) gets a new identity, so that every stage that read those outputs becomes stale too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -158,6 +163,11 @@ class Stage:
                 resuming = read_json(self.partial_path).get("fingerprint") == self.fp
             except (OSError, ValueError):
                 resuming = False
+        self.identity = self.fp
+        if resuming:
+            self.identity = read_json(self.partial_path).get("identity", self.fp)
+        elif self._redone():
+            self.identity = f"{self.fp}.{secrets.token_hex(4)}"
         self.done_path.unlink(missing_ok=True)
         remove_temp_files(self.run)
         if not resuming:
@@ -166,20 +176,38 @@ class Stage:
                     shutil.rmtree(out)
                 else:
                     out.unlink(missing_ok=True)
-            write_json(self.partial_path, {"fingerprint": self.fp})
+            write_json(self.partial_path, {"fingerprint": self.fp, "identity": self.identity})
         self._t0 = time.perf_counter()
         return resuming
 
+    def _redone(self) -> bool:
+        """Whether this start redoes outputs that stages after it may have read: the stage finished with the
+        same fingerprint before, or a redo of it was interrupted before it finished."""
+        def record(path: Path) -> dict:
+            try:
+                return read_json(path) if path.exists() else {}
+            except (OSError, ValueError):
+                return {}
+
+        done, partial = record(self.done_path), record(self.partial_path)
+        return done.get("fingerprint") == self.fp or (
+            partial.get("fingerprint") == self.fp and partial.get("identity", self.fp) != self.fp)
+
     def finish(self, **info: Any) -> None:
         elapsed = time.perf_counter() - self._t0
-        write_json(self.done_path, {"fingerprint": self.fp, "seconds": round(elapsed, 2), **info})
+        identity = {} if self.identity == self.fp else {"identity": self.identity}
+        write_json(self.done_path, {"fingerprint": self.fp, **identity, "seconds": round(elapsed, 2), **info})
         self.partial_path.unlink(missing_ok=True)
 
 
 def stage_fingerprint(run: Path, name: str) -> str | None:
-    """The recorded fingerprint of a finished stage (an input of the stages after it)."""
+    """The recorded identity of a finished stage, an input of the stages after it: its fingerprint, with a
+    token added when it was redone over its own outputs. None when the stage has not finished."""
     p = Path(run) / f"{name}.done.json"
-    return read_json(p).get("fingerprint") if p.exists() else None
+    if not p.exists():
+        return None
+    rec = read_json(p)
+    return rec.get("identity", rec.get("fingerprint"))
 
 
 def stage_seconds(run: Path) -> dict[str, float]:

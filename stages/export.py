@@ -34,24 +34,30 @@ def run(cfg: Config, force: bool = False) -> None:
     stage = Stage(run_dir, "export", fp)
     voc_done = stage.is_done() and not force
     formats = formats_to_write(run_dir / "exports", e.formats, fp, force=not voc_done)
-    if voc_done and not formats:
-        log.info("export: up to date, skipped")
+    if voc_done:  # the masks are current; other formats may be missing (each has its own marker)
+        if formats:
+            _write_formats(run_dir, formats, e.images, fp)
+        else:
+            log.info("export: up to date, skipped")
         return
     stage.begin(fresh=force)
-    if not voc_done:
-        ds = maps_dataset(cfg)
-        map_method = refined[refiner]
-        confidence = run_confidence(ds, run_dir / "refined", refiner, [r for r in refined if r != refiner],
-                                    run_dir / "maps" / map_method, cfg.refine.threshold.fg)
-        manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
-                                       provenance={"refiner": refiner, "map_method": map_method},
-                                       confidence=confidence, corrections=run_dir / CORRECTIONS)
-        log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
-                 run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
-        c = manifest["confidence"]
-        log.info("export: mean confidence %s%s%s", c["mean"], f", {c['corrected']} corrected" if c["corrected"]
-                 else "", f"; unreliable classes: {', '.join(c['unreliable'])}" if c["unreliable"] else "")
-    for name, wrote in write_formats(run_dir / "pseudo_masks", run_dir / "exports", formats, e.images, fp).items():
+    ds = maps_dataset(cfg)
+    map_method = refined[refiner]
+    confidence = run_confidence(ds, run_dir / "refined", refiner, [r for r in refined if r != refiner],
+                                run_dir / "maps" / map_method, cfg.refine.threshold.fg)
+    manifest = export_pseudo_masks(ds, run_dir / "refined" / refiner, run_dir / "pseudo_masks", e.images,
+                                   provenance={"refiner": refiner, "map_method": map_method},
+                                   confidence=confidence, corrections=run_dir / CORRECTIONS)
+    log.info("export: %d pseudo-masks (%s on %s) in %s, mean ignore ratio %.1f%%", len(ds), refiner, map_method,
+             run_dir / "pseudo_masks", 100 * manifest["summary"]["mean_ignore_ratio"])
+    c = manifest["confidence"]
+    log.info("export: mean confidence %s%s%s", c["mean"], f", {c['corrected']} corrected" if c["corrected"]
+             else "", f"; unreliable classes: {', '.join(c['unreliable'])}" if c["unreliable"] else "")
+    _write_formats(run_dir, formats, e.images, fp)
+    stage.finish(images=len(list((run_dir / "pseudo_masks" / "SegmentationClass").glob("*.png"))))
+
+
+def _write_formats(run_dir, formats: list[str], images: str, fp: str) -> None:
+    for name, wrote in write_formats(run_dir / "pseudo_masks", run_dir / "exports", formats, images, fp).items():
         log.info("export: %s in %s (%s)", name, run_dir / "exports" / name, ", ".join(f"{v} {k}" for k, v in
                                                                                       wrote.items()))
-    stage.finish(images=len(list((run_dir / "pseudo_masks" / "SegmentationClass").glob("*.png"))))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.report import build_report, report_path
-from pipeline.runfolder import Stage, fingerprint, read_json, write_text
+from pipeline.runfolder import Stage, fingerprint, stage_fingerprint, write_text
 from stages.common import log, maps_dataset
 
 
 def _upstream(run_dir) -> dict[str, str | None]:
-    """The fingerprints of every finished stage but this one: any rerun stage makes the report stale."""
-    return {p.name: read_json(p).get("fingerprint") for p in sorted(run_dir.glob("*.done.json"))
-            if p.name != "report.done.json"}
+    """The identities of every finished stage but this one: any rerun stage makes the report stale."""
+    names = sorted(p.name.removesuffix(".done.json") for p in run_dir.glob("*.done.json"))
+    return {name: stage_fingerprint(run_dir, name) for name in names if name != "report"}
 
 
 def run(cfg: Config, force: bool = False) -> None:

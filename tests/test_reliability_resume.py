@@ -29,7 +29,7 @@ from conftest import on_tiny
 from PIL import Image
 
 from pipeline.models.backbones import create_backbone
-from pipeline.runfolder import read_json, write_json
+from pipeline.runfolder import Stage, read_json, stage_fingerprint, write_json
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,3 +319,33 @@ def test_staleness_an_edit_invalidates_that_stage_and_later_ones_only(tmp_path, 
     torch.save(create_backbone("smallcnn").body.state_dict(), weights)  # new random weights, same path
     assert rerun() == pseudo
     assert rerun() == set()
+
+    def forced(stage: str) -> set[str]:
+        """Redo ``stage`` with --force, then run every stage: those that ran."""
+        assert main([stage, "--config", str(tmp_path / "run.yaml"), "--force"]) == 0
+        caplog.clear()
+        return rerun()
+
+    assert forced("evaluate") == set()
+    assert forced("train_segmenter") == {"evaluate"}
+    assert forced("export") == {"train_segmenter", "evaluate"}  # not the GT twin: it reads no pseudo-mask
+    assert forced("refine") == {"export", "train_segmenter", "evaluate"}
+
+
+def test_a_redone_stage_gets_a_new_identity_and_keeps_it_when_resumed(tmp_path):
+    """A stage's identity, which the stages after it take as an input: its fingerprint on a first run (the same in
+    any run folder); a new one when it is redone over its own outputs, interrupted and resumed or not."""
+    def run(fp: str, fresh: bool = False, finish: bool = True) -> str | None:
+        stage = Stage(tmp_path, "a", fp)
+        stage.begin(fresh=fresh)
+        if finish:
+            stage.finish()
+        return stage_fingerprint(tmp_path, "a")
+
+    assert run("fp1") == "fp1"
+    first_redo = run("fp1", fresh=True)
+    assert first_redo.startswith("fp1.") and run("fp1", fresh=True) not in {"fp1", first_redo}
+    assert run("fp1", fresh=True, finish=False) is None  # --force, interrupted
+    resumed = run("fp1")
+    assert resumed.startswith("fp1.") and resumed != first_redo
+    assert run("fp2") == "fp2"  # another fingerprint: a first run of it
