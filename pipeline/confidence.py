@@ -23,8 +23,10 @@ A class of the image's labels that the exported mask does not paint at all gets 
 the signals a run cannot give (a single label set: no agreement) are left out of the mean. Masks a person corrected
 (``wsss import-masks``) have confidence 1.
 
-The classifier's probability for the image's labels and SAM's predicted IoU are not among the signals: the run keeps
-neither per image (they would need the classifier or the decoder again at export).
+The classifier's probability for the image's labels and SAM's predicted IoU are not among the signals. Both were
+measured on MSRC-21 (``scripts/confidence_check.py --signals``, docs/experiments.md): alone, each follows the masks'
+quality far less well than the mean above; added to it, neither moved the measures by more than two runs of the
+same recipe differ, and each would cost a pass of the classifier or of SAM's decoder at export.
 
 :func:`run_confidence` computes it for every image of a run (the export stage writes it into ``manifest.json``),
 :func:`summarise` over the run, :func:`read_confidence` reads it back for evaluate, the report and ``wsss review``.
