@@ -120,11 +120,17 @@ def signature(paths: Iterable[Path]) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
+# ``python -m stages.cli`` with Python's own Ctrl-C handler: a shell that starts the suite in the background (``make
+# test &``) hands its children SIGINT ignored, and Python keeps an inherited "ignore", so the stage would not stop.
+CLI_WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "runpy.run_module('stages.cli', run_name='__main__', alter_sys=True)")
+
+
 def interrupt(stage: str, cfg: Path, run: Path, ready: Callable[[], bool], sig: signal.Signals, log: Path) -> str:
     """Run ``wsss <stage>`` in a subprocess, send ``sig`` to its process group as soon as ``ready()``, and
     return its stderr. It must die of the signal midway: SIGINT ends in one 'interrupted' line, no traceback."""
     with log.open("w") as err:  # a file, not a pipe: progress bars would fill a pipe and block the stage
-        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", stage, "--config", str(cfg)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-c", CLI_WITH_CTRL_C, stage, "--config", str(cfg)], cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
         try:
