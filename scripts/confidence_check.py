@@ -76,40 +76,25 @@ def classifier_probabilities(cfg, ds, checkpoint: Path) -> dict[str, dict[str, f
 
 def sam_predicted_iou(cfg, ds, maps_dir: Path) -> dict[str, dict[str, float]]:
     """Image id -> {class name: the mean predicted IoU of the SAM masks that the sam refiner keeps for the class}:
-    its prompts on ``maps_dir``'s maps, each prompt's mask chosen as ``prompt_labels`` chooses it, the embeddings
-    from the run's cache. Classes with no kept mask are left out."""
+    its prompts on ``maps_dir``'s maps and its choice of mask (``kept_masks``), the embeddings from the run's cache.
+    Classes with no kept mask are left out."""
     from pipeline.data import read_image
     from pipeline.maps.io import load_maps
-    from pipeline.refine.sam import class_prompts, embedding, load_model, one_thread
+    from pipeline.refine.sam import embedding, image_decoder, kept_masks, load_model, one_thread, stuff_rows_of
 
     s = cfg.refine.sam
     model = load_model(s, "cpu")
-    stuff = {n.lower() for n in s.stuff or ()}
     out = {}
     for smp in ds.samples:
         image = read_image(smp.image_path)
         maps, classes = load_maps(maps_dir / f"{smp.id}.npz", ds.classes)
         with one_thread():
             emb = embedding(image, model, cfg.run_path / "cache" / "sam" / smp.id)
-        hw = model.input_shape(*image.shape[:2])
-        out[smp.id] = {}
-        for k, c in enumerate(classes):
-            name = ds.classes[int(c)]
-            if name.lower() in stuff:
-                continue
-            boxes, peaks = class_prompts(maps[k].astype(np.float32), s)
-            if not len(boxes):
-                continue
-            masks, conf = model.decode(emb, hw, image.shape[:2], boxes, peaks if s.points else None, s.multimask)
-            kept = []
-            for n in range(masks.shape[0]):
-                scores = [float(conf[n, j]) * float(maps[k][masks[n, j]].astype(np.float32).mean())
-                          if masks[n, j].any() else -np.inf for j in range(masks.shape[1])]
-                j = int(np.argmax(scores))
-                if scores[j] >= s.min_score:
-                    kept.append(float(np.clip(conf[n, j], 0.0, 1.0)))
-            if kept:
-                out[smp.id][name] = float(np.mean(kept))
+        ious: dict[int, list[float]] = {}
+        for k, _, _, iou in kept_masks(maps.astype(np.float32), image_decoder(model, emb, image, s), s,
+                                       stuff_rows_of(classes, ds.classes, s)):
+            ious.setdefault(k, []).append(float(np.clip(iou, 0.0, 1.0)))
+        out[smp.id] = {ds.classes[int(classes[k])]: float(np.mean(v)) for k, v in ious.items()}
     return out
 
 
@@ -169,13 +154,11 @@ def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, 
     masks = {s.id: read_mask(run / "refined" / exported / f"{s.id}.png") for s in ds.samples}
 
     ids = [s.id for s in ds.samples]
-    image_miou = {}
+    image_miou, total = {}, ConfusionMatrix(ds.num_labels)
     for i in ids:
         c = ConfusionMatrix(ds.num_labels)
         c.update(gts[i], masks[i])
         image_miou[i] = c.miou()
-    total = ConfusionMatrix(ds.num_labels)
-    for i in ids:
         total.update(gts[i], masks[i])
     iou = total.per_class(ds.label_names)
     n = max(1, round(fraction * len(ids)))

@@ -347,7 +347,7 @@ def test_the_runner_gives_sam_the_dataset_class_names(tmp_path, monkeypatch):
     seen = {}
 
     def fake_labels(maps, classes, image, background, cfg, fallback, model, emb, class_names):
-        seen["rows"] = samr._stuff_rows(np.asarray(classes), class_names, cfg.sam)
+        seen["rows"] = samr.stuff_rows_of(np.asarray(classes), class_names, cfg.sam)
         return fallback
 
     monkeypatch.setattr(samr, "load_model", lambda *a: None)

@@ -344,13 +344,11 @@ def class_prompts(m: np.ndarray, s: SamConfig) -> tuple[np.ndarray, np.ndarray]:
 Decoder = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
 
 
-def prompt_labels(maps: np.ndarray, classes: np.ndarray, background: bool, fallback: np.ndarray, decode: Decoder,
-                  s: SamConfig, stuff_rows: Sequence[int] = ()) -> np.ndarray:
-    """S2C's combination. ``decode(boxes, peaks) -> (masks bool [N,M,H,W], confidence [N,M])`` decodes the prompts
-    of one class; ``fallback`` is the map-based refiner's label map; rows of ``maps`` in ``stuff_rows`` are not
-    prompted. -> uint8 labels [H,W]."""
-    best = np.full(maps.shape[1:], -np.inf, np.float32)
-    owner = np.full(maps.shape[1:], -1, np.int64)
+def kept_masks(maps: np.ndarray, decode: Decoder, s: SamConfig,
+               stuff_rows: Sequence[int] = ()) -> Iterator[tuple[int, np.ndarray, float, float]]:
+    """The mask each prompt keeps: of a prompt's candidate masks, the one with the best score (the model's predicted
+    IoU x the mean map inside it), if that score reaches ``min_score``. Rows of ``maps`` in ``stuff_rows`` are not
+    prompted. Yields (row of ``maps``, mask bool [H,W], score, predicted IoU)."""
     for k in range(maps.shape[0]):
         if k in stuff_rows:
             continue
@@ -364,9 +362,20 @@ def prompt_labels(maps: np.ndarray, classes: np.ndarray, background: bool, fallb
             j = int(np.argmax(scores))
             if scores[j] < s.min_score:
                 continue
-            win = masks[n, j] & (scores[j] > best)
-            best[win] = scores[j]
-            owner[win] = k
+            yield k, masks[n, j], scores[j], float(conf[n, j])
+
+
+def prompt_labels(maps: np.ndarray, classes: np.ndarray, background: bool, fallback: np.ndarray, decode: Decoder,
+                  s: SamConfig, stuff_rows: Sequence[int] = ()) -> np.ndarray:
+    """S2C's combination. ``decode(boxes, peaks) -> (masks bool [N,M,H,W], confidence [N,M])`` decodes the prompts
+    of one class; ``fallback`` is the map-based refiner's label map; rows of ``maps`` in ``stuff_rows`` are not
+    prompted. -> uint8 labels [H,W]."""
+    best = np.full(maps.shape[1:], -np.inf, np.float32)
+    owner = np.full(maps.shape[1:], -1, np.int64)
+    for k, mask, score, _ in kept_masks(maps, decode, s, stuff_rows):
+        win = mask & (score > best)
+        best[win] = score
+        owner[win] = k
     label = fallback.copy()
     claimed = owner >= 0
     label[claimed] = (np.asarray(classes)[owner[claimed]] + int(background)).astype(np.uint8)
@@ -411,7 +420,9 @@ def generate_masks(model: SamModel, image: np.ndarray, emb, s: SamConfig) -> lis
         return [r["segmentation"] for r in gen.generate(image)]
 
 
-def _stuff_rows(classes: np.ndarray, class_names: Sequence[str] | None, s: SamConfig) -> list[int]:
+def stuff_rows_of(classes: np.ndarray, class_names: Sequence[str] | None, s: SamConfig) -> list[int]:
+    """The rows of ``classes`` (an image's classes, as its maps hold them) whose class ``refine.sam.stuff`` lists
+    (case-insensitive): never prompted."""
     if not s.stuff or class_names is None:
         return []
     stuff = {n.lower() for n in s.stuff}
@@ -423,16 +434,21 @@ def sam_labels(maps: np.ndarray, classes: np.ndarray, image: np.ndarray, backgro
     """The refiner's label map from a loaded model, the image's embedding and the fallback's label map."""
     s = cfg.sam
     classes = np.asarray(classes, dtype=np.int64)
-    rows = _stuff_rows(classes, class_names, s)
+    rows = stuff_rows_of(classes, class_names, s)
     if s.mode == "automatic":
         stuff = [int(classes[k]) + int(background) for k in rows]
         return automatic_labels(generate_masks(model, image, emb, s), fallback, s, stuff)
+    return prompt_labels(maps, classes, background, fallback, image_decoder(model, emb, image, s), s, rows)
+
+
+def image_decoder(model: SamModel, emb, image: np.ndarray, s: SamConfig) -> Decoder:
+    """The ``decode(boxes, peaks)`` of one image: the model's decoder on the image's embedding ``emb``."""
     input_hw = model.input_shape(*image.shape[:2])
 
     def decode(boxes: np.ndarray, peaks: np.ndarray | None):
         return model.decode(emb, input_hw, image.shape[:2], boxes, peaks if s.points else None, s.multimask)
 
-    return prompt_labels(maps, classes, background, fallback, decode, s, rows)
+    return decode
 
 
 @register_refiner("sam", needs_image=True, cache=True, prepare=encode_images, names=True)
