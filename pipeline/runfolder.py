@@ -142,13 +142,16 @@ class Stage:
         self.done_path = self.run / f"{name}.done.json"
         self.partial_path = self.run / f"{name}.partial.json"
 
-    def is_done(self) -> bool:
-        if not self.done_path.exists():
-            return False
+    @staticmethod
+    def _record(path: Path) -> dict:
+        """A marker's content; {} when it is missing or unreadable (a stage killed while writing it)."""
         try:
-            return read_json(self.done_path).get("fingerprint") == self.fp
+            return read_json(path) if path.exists() else {}
         except (OSError, ValueError):
-            return False
+            return {}
+
+    def is_done(self) -> bool:
+        return self._record(self.done_path).get("fingerprint") == self.fp
 
     def begin(self, outputs: Iterable[Path] = (), fresh: bool = False) -> bool:
         """Start (or resume) the stage. Returns True when resuming a partial run with the same fingerprint.
@@ -157,17 +160,16 @@ class Stage:
         marker, so nothing stale survives. ``fresh`` (``--force``) never resumes. Either way, the temp
         files of a killed run are removed: every finished file was renamed into place, so none is lost.
         """
-        resuming = False
-        if self.partial_path.exists() and not fresh:
-            try:
-                resuming = read_json(self.partial_path).get("fingerprint") == self.fp
-            except (OSError, ValueError):
-                resuming = False
-        self.identity = self.fp
+        done, partial = self._record(self.done_path), self._record(self.partial_path)
+        partial_identity = partial.get("identity", self.fp) if partial.get("fingerprint") == self.fp else None
+        resuming = partial_identity is not None and not fresh
         if resuming:
-            self.identity = read_json(self.partial_path).get("identity", self.fp)
-        elif self._redone():
+            self.identity = partial_identity
+        elif done.get("fingerprint") == self.fp or partial_identity not in (None, self.fp):
+            # redoing outputs that later stages may have read (finished before, or an earlier redo interrupted)
             self.identity = f"{self.fp}.{secrets.token_hex(4)}"
+        else:
+            self.identity = self.fp
         self.done_path.unlink(missing_ok=True)
         remove_temp_files(self.run)
         if not resuming:
@@ -179,19 +181,6 @@ class Stage:
             write_json(self.partial_path, {"fingerprint": self.fp, "identity": self.identity})
         self._t0 = time.perf_counter()
         return resuming
-
-    def _redone(self) -> bool:
-        """Whether this start redoes outputs that stages after it may have read: the stage finished with the
-        same fingerprint before, or a redo of it was interrupted before it finished."""
-        def record(path: Path) -> dict:
-            try:
-                return read_json(path) if path.exists() else {}
-            except (OSError, ValueError):
-                return {}
-
-        done, partial = record(self.done_path), record(self.partial_path)
-        return done.get("fingerprint") == self.fp or (
-            partial.get("fingerprint") == self.fp and partial.get("identity", self.fp) != self.fp)
 
     def finish(self, **info: Any) -> None:
         elapsed = time.perf_counter() - self._t0
