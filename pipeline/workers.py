@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.forkserver
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,15 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     with _lock:
         ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (the first pool)
+        if threading.current_thread() is threading.main_thread():
+            # Each worker starts with the SIGINT handler the server started with, and takes a Ctrl-C (sent to the
+            # whole process group) while it imports, before init_worker can ignore it: a traceback per worker.
+            # Started with SIGINT ignored, the server hands its workers "ignore" from their first instruction.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                signal.signal(signal.SIGINT, previous)
     return ctx
 
 

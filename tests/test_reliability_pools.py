@@ -168,6 +168,22 @@ def test_run_pool_reports_a_dead_or_stalled_worker():
     assert time.monotonic() - t0 < 30  # the stalled worker was terminated, not waited for
 
 
+def test_a_worker_ignores_ctrl_c_from_its_start():
+    """Ctrl-C reaches every process of the group; a worker still importing when it lands, before ``init_worker``
+    ignores it, would print a traceback. Workers are born ignoring it: a worker started without ``init_worker``,
+    in a process that handles Ctrl-C as a CLI does, already ignores SIGINT."""
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from concurrent.futures import ProcessPoolExecutor\n"
+            "from pipeline.workers import worker_context\n"
+            "with ProcessPoolExecutor(1, mp_context=worker_context()) as pool:\n"
+            "    print(pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN)\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]  # the worker ignores it; the main process still handles it
+
+
 def test_every_refiner_is_deterministic_across_processes():
     """Each registered refiner, run in two pool workers (fresh processes) and here, gives the same bytes."""
     rng = np.random.default_rng(0)
