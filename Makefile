@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,sam]'
+	$(PY) -m pip install --quiet -e '.[dev,sam,saliency]'
 	touch $@
 
 stages: install
