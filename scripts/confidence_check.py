@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.confidence import run_confidence, summarise  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import read_mask  # noqa: E402
+from pipeline.data import maps_dataset, read_mask  # noqa: E402
 from pipeline.export import export_refiner  # noqa: E402
 from pipeline.metrics import ConfusionMatrix  # noqa: E402
 from pipeline.refine import label_sets  # noqa: E402
-from stages.common import maps_dataset  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -10,11 +10,13 @@ from stages import (
     make_maps,
     refine,
     report,
+    saliency,
     train_classifier,
     train_segmenter,
 )
 
 STAGES = {
+    "saliency": saliency.run,
     "train_classifier": train_classifier.run,
     "make_maps": make_maps.run,
     "refine": refine.run,

@@ -5,6 +5,7 @@ It takes minutes, so an interrupted run starts over rather than resuming."""
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.device import resolve_device
 from pipeline.distributed import torchrun_rank
 from pipeline.models import load_classifier
@@ -12,7 +13,7 @@ from pipeline.refine import SUFFIX, get_refiner, walked_maps
 from pipeline.refine.affinity import collect, train_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint
-from stages.common import log, maps_dataset
+from stages.common import log
 
 
 def run(cfg: Config, force: bool = False) -> None:

@@ -5,19 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.data import SegDataset, load_dataset, spread
+from pipeline.data import SegDataset
 from pipeline.runfolder import files_fingerprint, fingerprint
 
 log = logging.getLogger("stages")
-
-
-def maps_dataset(cfg: Config) -> SegDataset:
-    """The images that get maps, refined labels and pseudo-masks: ``maps.split``, or ``maps.limit`` of its
-    images spread evenly over it (a split file is often sorted by class: its first images show few classes)."""
-    ds = load_dataset(cfg.data, cfg.maps.split)
-    ds.samples = spread(ds.samples, cfg.maps.limit)
-    return ds
 
 
 def dataset_fingerprint(ds: SegDataset) -> str:

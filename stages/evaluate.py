@@ -6,7 +6,7 @@ import time
 
 from pipeline.confidence import confidence_metrics, read_confidence
 from pipeline.config import Config
-from pipeline.data import check_mask_sizes, load_dataset
+from pipeline.data import check_mask_sizes, load_dataset, maps_dataset
 from pipeline.device import resolve_device
 from pipeline.evaluation import (
     evaluate_baselines,
@@ -30,7 +30,7 @@ from pipeline.runfolder import (
 )
 from pipeline.segmenter.predict import checked_scales
 from pipeline.stage_names import upstream_markers
-from stages.common import log, maps_dataset, masks_fingerprint
+from stages.common import log, masks_fingerprint
 from stages.faithfulness import faithfulness_of_run
 
 UPSTREAM = upstream_markers("evaluate")  # every stage before this one, the segmenters' sub-stages too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline.confidence import run_confidence
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.export import (
     export_pseudo_masks,
     export_refiner,
@@ -20,7 +21,7 @@ from pipeline.export import (
 from pipeline.refine import label_sets
 from pipeline.review import CORRECTIONS, corrections_fingerprint
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log, maps_dataset
+from stages.common import log
 
 
 def run(cfg: Config, force: bool = False) -> None:

@@ -5,6 +5,7 @@ then the run-once visualisations (maps.visualizations: class_model) -> maps/<nam
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.device import resolve_device
 from pipeline.distributed import torchrun_rank
 from pipeline.errors import UserError
@@ -14,7 +15,7 @@ from pipeline.maps.generate import generate_maps
 from pipeline.maps.visualize import get_visualization, make_visualizations, visualization_outputs
 from pipeline.models import load_classifier
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import dataset_fingerprint, log, maps_dataset
+from stages.common import dataset_fingerprint, log
 
 
 def run(cfg: Config, force: bool = False) -> None:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.distributed import torchrun_rank
 from pipeline.executors import executor_session
 from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log, maps_dataset
+from stages.common import log
 
 
 def run(cfg: Config, force: bool = False) -> None:

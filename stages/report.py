@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.report import build_report, report_path
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint, write_text
-from stages.common import log, maps_dataset
+from stages.common import log
 
 
 def _upstream(run_dir) -> dict[str, str | None]:

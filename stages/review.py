@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.data import maps_dataset
 from pipeline.review import CORRECTIONS, WORKLIST, import_masks, write_review
-from stages.common import log, maps_dataset
+from stages.common import log
 
 DEFAULT_LIMIT = 20  # images in a review package when --limit is not given
 

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from pipeline.config import Config
-from pipeline.data import Sample, SegDataset, load_dataset
+from pipeline.data import Sample, SegDataset, load_dataset, maps_dataset
 from pipeline.data.voc import read_voc
 from pipeline.device import seed_everything
 from pipeline.distributed import DistContext, distributed
@@ -22,7 +22,7 @@ from pipeline.models.segmenter import build_segmenter, segmenter_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint, write_json
 from pipeline.segmenter.train import labelled_samples, train_segmenter
-from stages.common import dataset_fingerprint, log, maps_dataset, masks_fingerprint, weights_fingerprint
+from stages.common import dataset_fingerprint, log, masks_fingerprint, weights_fingerprint
 
 # Keys that change how a trained segmenter is used or whether it runs, not its weights.
 NOT_TRAINING = ("enabled", "upper_bound", "crf", "flip_test", "test_scales")

@@ -1,6 +1,6 @@
 """The context-decoupled round (pipeline/decouple.py): the cut-out bank takes only classes of its image, pasted
-labels match pasted pixels, context crops hold no target pixel; and on a tiny run of a synthetic pair that always
-appears together, the second round separates the bound class's map from its context's."""
+labels match pasted pixels; and on a tiny run of a synthetic pair that always appears together, the second round
+separates the bound class's map from its context's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import write_rgb
 
 from pipeline.data import SegDataset
 from pipeline.data.dataset import Sample
-from pipeline.decouple import Bank, CutOut, DecoupledImages, build_bank, context_crop, cut_outs, paste
+from pipeline.decouple import CutOut, DecoupledImages, build_bank, cut_outs, paste
 from pipeline.maps.io import save_maps
 from pipeline.runfolder import save_label_png
 
@@ -44,12 +44,16 @@ def test_the_bank_never_takes_a_class_absent_from_its_image(tmp_path):
     image, label = _scene()
     write_rgb(tmp_path / "img" / "a.png", image)
     save_label_png(tmp_path / "refined" / "a.png", label)
-    # the image is labelled with class 1 only, though its label map also paints class 0
+    # the image is labelled with class 1 only, though its label map and its maps also back class 0
     ds = SegDataset(tmp_path, ["boat", "water"], True, [Sample("a", tmp_path / "img" / "a.png", (1,))])
-    save_maps(tmp_path / "maps" / "a.npz", np.stack([(label == 2).astype(np.float32)]), np.array([1]), ds.classes)
-    bank = build_bank(ds, tmp_path / "refined", tmp_path / "maps", {0: [1], 1: [0]}, seed=0)
-    assert bank.cut_outs and {o.cls for o in bank.cut_outs} == {1}
-    assert all(o.source == "a" for o in bank.cut_outs)
+    both = np.stack([(label == 1).astype(np.float32), (label == 2).astype(np.float32)])
+    save_maps(tmp_path / "maps" / "a.npz", both, np.array([0, 1]), ds.classes)
+    cuts = build_bank(ds, tmp_path / "refined", tmp_path / "maps", {0, 1})
+    assert cuts and {o.cls for o in cuts} == {1}
+    assert all(o.source == "a" for o in cuts)
+    # labelled with both, the same files give both classes' cut-outs: the labels alone left class 0 out above
+    ds.samples = [Sample("a", tmp_path / "img" / "a.png", (0, 1))]
+    assert {o.cls for o in build_bank(ds, tmp_path / "refined", tmp_path / "maps", {0, 1})} == {0, 1}
 
 
 def test_pasted_labels_match_pasted_pixels():
@@ -83,24 +87,12 @@ def test_decoupled_items_paste_only_onto_hosts_without_the_context(tmp_path):
         def __call__(self, image):
             return {"image": image.astype(np.float32)}
 
-    items = DecoupledImages(ds, Bank([cut], []), {2: [1]}, Identity(), paste_prob=1.0, seed=0, progress=False)
+    items = DecoupledImages(ds, [cut], {2: [1]}, Identity(), paste_prob=1.0, seed=0, progress=False)
     assert items.hosts == [[0], []]
     x, y = items[0]
     assert y.tolist() == [1.0, 0.0, 1.0] and int((x == 250).all(0).sum()) > 0
     x, y = items[1]
     assert y.tolist() == [0.0, 1.0, 0.0] and not (x == 250).any()
-
-
-def test_a_context_crop_holds_no_target_pixel():
-    image, label = _scene(90, 120)
-    rng = np.random.default_rng(0)
-    for _ in range(10):
-        crop = context_crop(image, label, avoid=[0], background=True, rng=rng)
-        assert crop is not None
-        assert not (crop.image == (200, 30, 30)).all(axis=2).any()  # no pixel of the target (class 0)
-        assert 0 not in crop.labels
-    # a target everywhere: no crop
-    assert context_crop(image, np.ones_like(label), avoid=[0], background=True, rng=rng) is None
 
 
 def _map_leak(root, run, method: str, a: str, b: str) -> float:
@@ -144,7 +136,7 @@ def test_the_decoupled_round_separates_a_bound_pair(tmp_path):
     stats = json.loads((run / "label_stats.json").read_text())
     assert [w["classes"] for w in stats["warnings"] if w["kind"] == "bound"] == [["star", "ring"]]
     decoupled = json.loads((run / "decouple.json").read_text())
-    assert decoupled["classes"] == {"star": ["ring"]} and decoupled["context_crops"] > 0
+    assert decoupled["classes"] == {"star": ["ring"]} and decoupled["bank"]["star"]["cut_outs"] > 0
     before, after = _map_leak(root, run, "cam", "star", "ring"), _map_leak(root, run, "cam_dc", "star", "ring")
     assert before > 0.9, before  # the labels alone do bind star to ring
     assert after <= before - 0.05, (before, after)

@@ -15,10 +15,10 @@ import yaml
 from conftest import on_tiny
 
 from pipeline.config import load_config
+from pipeline.data import maps_dataset
 from pipeline.report import build_report
 from pipeline.runfolder import write_json
 from stages.cli import main
-from stages.common import maps_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = {"dataset": "Dataset", "labels": "What the labels can teach", "confidence": "Confidence and review queue",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import DataConfig
+from pipeline.config import Config, DataConfig
 from pipeline.data.coco import read_coco
 from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask, spread
 from pipeline.data.folder import read_folder
 from pipeline.data.voc import read_voc
 
-__all__ = ["IGNORE", "Sample", "SegDataset", "check_mask_sizes", "load_dataset", "prepare_data", "read_image",
-           "read_mask", "spread"]
+__all__ = ["IGNORE", "Sample", "SegDataset", "check_mask_sizes", "load_dataset", "maps_dataset", "prepare_data",
+           "read_image", "read_mask", "spread"]
 
 READERS = {"voc": read_voc, "synthetic": read_voc, "folder": read_folder}
 
@@ -33,3 +33,11 @@ def load_dataset(cfg: DataConfig, split: str) -> SegDataset:
         c = cfg.coco
         return read_coco(Path(cfg.root), split, cfg.background, c.annotations, c.images, c.masks)
     return READERS[cfg.kind](Path(cfg.root), split, cfg.background)
+
+
+def maps_dataset(cfg: Config) -> SegDataset:
+    """The images that get maps, refined labels and pseudo-masks: ``maps.split``, or ``maps.limit`` of its
+    images spread evenly over it (a split file is often sorted by class: its first images show few classes)."""
+    ds = load_dataset(cfg.data, cfg.maps.split)
+    ds.samples = spread(ds.samples, cfg.maps.limit)
+    return ds

@@ -126,8 +126,8 @@ class ReportBuilder:
                     for a, ctx in decoupled["classes"].items()]
             out += table(["class", "its context", "cut-outs"], rows) + note(
                 f"The decoupled second round (stage <code>decouple</code>) pasted these classes' cut-outs from "
-                f"<code>{e(decoupled.get('source'))}</code> onto images without their context, and trained on "
-                f"{decoupled.get('context_crops', 0)} context-only crops; its label sets end in <code>_dc</code>.")
+                f"<code>{e(decoupled.get('source'))}</code> onto images without their context; its label sets end in "
+                f"<code>_dc</code>.")
         classes = list(stats.get("classes") or {})
         if classes:
             conditional = [[stats["conditional"][a][b] for b in classes] for a in classes]
