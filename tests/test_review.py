@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.confidence import image_confidence, margin_map, review_order, summarise
 from pipeline.data import read_mask
-from stages.cli import main
+from stages.cli import main, split_set_items
 
 SMALL = {
     "device": "cpu",
@@ -152,7 +152,7 @@ def test_review_import_export_round_trip(tiny_run, tmp_path):
     colour = tuple(int(v) for v in labelmap[cls].split(","))
     _edit_as_cvat_would(package, first, tmp_path / "from_cvat", colour)
     before = _done(run)
-    assert main(["import-masks", "--config", str(path), str(tmp_path / "from_cvat")]) == 0
+    assert main(["import-masks", "--config", str(path), "--set", f"run_dir={run}", str(tmp_path / "from_cvat")]) == 0
     fixed = read_mask(run / "corrections" / f"{first}.png")
     classes = json.loads((run / "pseudo_masks" / "manifest.json").read_text())["classes"]
     label = classes.index(cls) + 1  # the synthetic set has a background class
@@ -176,6 +176,14 @@ def test_review_import_export_round_trip(tiny_run, tmp_path):
     assert main(["import-masks", "--config", str(path), str(tmp_path / "from_cvat")]) == 0
     assert main(["export", "--config", str(path)]) == 0
     assert _done(run)["export"] == after["export"]
+
+
+def test_set_takes_its_items_and_leaves_the_folder():
+    assert split_set_items(["import-masks", "--set", "a=1", "b.c=[1, 2]", "FOLDER", "--force"]) == \
+        ["import-masks", "--set=a=1", "--set=b.c=[1, 2]", "FOLDER", "--force"]
+    assert split_set_items(["all", "--set", "a=1", "--set", "run_dir=/x", "--config", "c.yaml"]) == \
+        ["all", "--set=a=1", "--set=run_dir=/x", "--config", "c.yaml"]
+    assert split_set_items(["all", "--set", "oops"]) == ["all", "--set=oops"]  # then: expected key=value
 
 
 def test_review_clamps_the_limit_and_needs_an_export(tiny_run, tmp_path, capsys):
