@@ -20,7 +20,7 @@ import yaml
 from conftest import on_tiny
 from PIL import Image
 
-from pipeline.confidence import image_confidence, margin_map, review_order, summarise
+from pipeline.confidence import image_confidence, margin_map, review_order, summarise, unreliable_classes
 from pipeline.data import SegDataset, read_mask
 from pipeline.errors import DataError
 from pipeline.review import import_masks, read_labelmap
@@ -85,6 +85,21 @@ def test_a_class_the_mask_misses_has_confidence_zero_and_ignored_pixels_lower_it
     assert alone["confidence"] == 1.0 and alone["confidence_signals"]["agreement"] is None
 
 
+def test_unreliable_classes_are_ranked_within_the_run():
+    """Six classes seen in two images each: class means 0.9, 0.8, 0.7, 0.6, 0.3 (noisy: 0.0 and 0.6) and 0.2."""
+    values = {"a": [0.9, 0.9], "b": [0.8, 0.8], "c": [0.7, 0.7], "d": [0.6, 0.6], "noisy": [0.0, 0.6],
+              "low": [0.2, 0.2]}
+    unreliable, quartile, median = unreliable_classes(values)
+    # sorted means 0.2 0.3 0.6 0.7 0.8 0.9: the 25th percentile lies a quarter of the way from 0.3 to 0.6
+    assert quartile == pytest.approx(0.3 + 0.25 * (0.6 - 0.3)) and median == pytest.approx((0.6 + 0.7) / 2)
+    # noisy: 0.3 < 0.375, but its standard error is std([0, 0.6], ddof=1) / sqrt(2) = 0.3, and 0.3 + 2 * 0.3 > 0.65
+    assert unreliable == ["low"]
+    # the same classes scaled down (a dataset whose confidences sit lower): the same warning, no fixed cut
+    assert unreliable_classes({c: [v / 3 for v in vs] for c, vs in values.items()})[0] == ["low"]
+    assert unreliable_classes({c: [0.5, 0.5] for c in "abcdef"})[0] == []  # classes alike: no warning
+    assert unreliable_classes({"a": [0.1]}) == ([], None, None)  # one class: nothing to rank it against
+
+
 def test_summary_and_review_order_leave_corrected_images_out():
     per_image = {"a": {"confidence": 0.9, "class_confidence": {"cat": {"confidence": 0.9}}},
                  "b": {"confidence": 0.2, "class_confidence": {"cat": {"confidence": 0.1}, "dog": {"confidence": 0.3}}},
@@ -92,6 +107,7 @@ def test_summary_and_review_order_leave_corrected_images_out():
                  "d": {"confidence": 0.5, "class_confidence": {"dog": {"confidence": 0.7}}}}
     s = summarise(per_image, ["cat", "dog", "sofa"])
     assert s["per_class"] == {"cat": 0.5, "dog": 0.5} and s["corrected"] == 1 and s["mean"] == round(1.6 / 3, 4)
+    assert s["unreliable"] == [] and s["quartile"] == s["median"] == 0.5  # two classes alike: no warning
     assert review_order({"images": per_image}) == ["b", "d", "a"]
 
 
