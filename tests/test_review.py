@@ -85,6 +85,27 @@ def test_a_class_the_mask_misses_has_confidence_zero_and_ignored_pixels_lower_it
     assert alone["confidence"] == 1.0 and alone["confidence_signals"]["agreement"] is None
 
 
+def test_confidence_of_a_tiny_mask_worked_by_hand():
+    """2x3 pixels, one class (cat, label 1) and background, one other label set, the background's score 0.4."""
+    exported = np.array([[0, 1, 1], [0, 1, 255]], np.uint8)
+    other = np.array([[0, 1, 0], [0, 1, 1]], np.uint8)
+    maps = np.array([[[0.1, 0.9, 0.6], [0.2, 0.7, 0.5]]], np.float32)
+    margin = margin_map(maps, [0], True, 0.4, exported)
+    # background pixels: 0.4 - cat's score; cat pixels: cat's score - 0.4; the ignored pixel: 0
+    assert margin == pytest.approx(np.array([[0.4 - 0.1, 0.9 - 0.4, 0.6 - 0.4], [0.4 - 0.2, 0.7 - 0.4, 0]]), abs=1e-6)
+    c = image_confidence(exported, [other], margin, {1: "cat"})
+    agreement = 4 / 5  # 5 pixels labelled by both; they differ at (0, 2) only
+    mean_margin = (0.3 + 0.5 + 0.2 + 0.2 + 0.3) / 5  # over the 5 labelled pixels
+    certain = 5 / 6
+    assert c["confidence_signals"] == pytest.approx({"agreement": agreement, "margin": mean_margin,
+                                                     "certain": round(certain, 4)}, abs=1e-4)
+    assert c["confidence"] == pytest.approx((agreement + mean_margin + certain) / 3, abs=1e-4)  # 0.6444
+    # cat: exported at (0,1) (0,2) (1,1), the other set at (0,1) (1,1) (1,2): IoU 2 / 4; margin (0.5 + 0.2 + 0.3) / 3
+    cat = c["class_confidence"]["cat"]
+    assert cat["agreement"] == 0.5 and cat["margin"] == pytest.approx(1 / 3, abs=1e-4)
+    assert cat["confidence"] == pytest.approx((0.5 + 1 / 3) / 2, abs=1e-4)  # 0.4167
+
+
 def test_unreliable_classes_are_ranked_within_the_run():
     """Six classes seen in two images each: class means 0.9, 0.8, 0.7, 0.6, 0.3 (noisy: 0.0 and 0.6) and 0.2."""
     values = {"a": [0.9, 0.9], "b": [0.8, 0.8], "c": [0.7, 0.7], "d": [0.6, 0.6], "noisy": [0.0, 0.6],
