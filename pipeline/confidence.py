@@ -41,6 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
+from pipeline.errors import DataError
+from pipeline.runfolder import read_json
 
 SIGNALS = ("agreement", "margin", "certain")  # per image; per class: agreement, margin
 LOW_QUANTILE = 25  # percent: an unreliable class is below this percentile (the first quartile) of the run's classes
@@ -118,8 +120,7 @@ def run_confidence(ds: SegDataset, refined_dir: Path, exported: str, others: lis
     against ``refined_dir/<other>`` for each of ``others``, the margin from the maps in ``maps_dir`` (the maps the
     exported set refines). An image whose map file is missing gets margin 0; one without an exported mask, no
     entry."""
-    from pipeline.errors import DataError
-    from pipeline.maps.io import load_maps
+    from pipeline.maps.io import load_maps  # pipeline.maps imports torch (its methods)
 
     out = {}
     for s in tqdm(ds.samples, desc="confidence", leave=False):
@@ -202,8 +203,6 @@ def review_order(manifest: dict[str, Any]) -> list[str]:
 def read_confidence(run_dir: Path) -> dict[str, Any] | None:
     """The export's manifest.json (per image ``confidence``, ``confidence_signals``, ``class_confidence``; over the
     run ``confidence``: :func:`summarise`), or None without an export."""
-    from pipeline.runfolder import read_json
-
     path = Path(run_dir) / "pseudo_masks" / "manifest.json"
     try:
         return read_json(path) if path.exists() else None

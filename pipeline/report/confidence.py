@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.confidence import NOISE, read_confidence, review_order
+from pipeline.data import read_image, read_mask
 from pipeline.report import figures as fg
 from pipeline.report.html import cards, e, fmt, grid, img, note, num, swatch, table
 
@@ -78,8 +79,6 @@ def confidence_section(builder: Any) -> str:
 
 
 def _queue(builder: Any, manifest: dict, exported: str) -> str:
-    from pipeline.data import read_image, read_mask
-
     run, ds, opts = builder.run, builder.ds, builder.opts
     order = review_order(manifest)[:opts.samples]
     if not order:
