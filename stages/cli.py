@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -19,6 +20,27 @@ import yaml
 from pipeline.config import dump_config, load_config
 from pipeline.errors import UserError, first_line
 from pipeline.runfolder import run_lock, write_text
+
+SET_ITEM = re.compile(r"[A-Za-z_][\w.-]*=")  # a config key and "=": how a --set item starts
+
+
+def split_set_items(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--set`` item as a ``--set=KEY=VALUE`` of its own: the word after a ``--set`` is its item,
+    and the next words are items too while they look like KEY=VALUE (``--set a=1 b=2``, as documented). A word that
+    does not (``import-masks --set a=1 FOLDER``'s folder) ends the items instead of being swallowed by them."""
+    out, state = [], "out"  # state: "out" of a --set, "first" word after one, "more" words after its first item
+    for k, word in enumerate(argv):
+        if word == "--":
+            return out + argv[k:]
+        if word == "--set":
+            state = "first"
+        elif state == "first" and not word.startswith("-") or state == "more" and SET_ITEM.match(word):
+            out.append(f"--set={word}")
+            state = "more"
+        else:
+            out.append(word)
+            state = "out"
+    return out
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -60,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", nargs="?", help="import-masks: the folder of corrected masks (an export from CVAT)")
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys (repeatable: every --set counts)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override config keys: --set a=1 b=2, or --set a=1 --set b=2 (every item counts)")
     predict = parser.add_argument_group("predict")
     predict.add_argument("--images", help="folder of images to segment")
     predict.add_argument("--out", help="output folder: masks/<image>.png, overlays/<image>.jpg, legend.json; "
@@ -70,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "has means all)")
     predict.add_argument("--checkpoint", help="segmenter checkpoint (default: <run_dir>/segmenter.pt)")
     predict.add_argument("--crf", action="store_true", help="dense-CRF post-processing (default: segmenter.crf)")
-    args = parser.parse_intermixed_args(argv)  # import-masks --config C <folder>: the folder after the options
+    # import-masks --config C <folder>: the folder after the options
+    args = parser.parse_intermixed_args(split_set_items(sys.argv[1:] if argv is None else list(argv)))
     if args.stage == "predict" and not (args.images and args.out):
         parser.error("predict needs --images DIR and --out DIR")
     if (args.stage == "import-masks") != bool(args.folder):

@@ -24,6 +24,10 @@ def review(cfg: Config, limit: int | None, out: str | None) -> None:
 
 
 def import_corrections(cfg: Config, folder: str) -> None:
-    ids = import_masks(cfg.run_path, maps_dataset(cfg), Path(folder))
-    log.info("import-masks: %d corrected masks in %s; rerun from export (wsss all) to use them", len(ids),
-             cfg.run_path / CORRECTIONS)
+    done = import_masks(cfg.run_path, maps_dataset(cfg), Path(folder))
+    same = f"{len(done.unchanged)} unchanged (equal to the exported mask, not imported)"
+    if done.corrected:
+        log.info("import-masks: %d corrected masks in %s, %s; rerun from export (wsss all) to use them",
+                 len(done.corrected), cfg.run_path / CORRECTIONS, same)
+    else:
+        log.info("import-masks: no mask differs from the exported one, %s: nothing to import", same)

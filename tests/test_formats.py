@@ -301,7 +301,7 @@ def test_cvat_segmentation_mask_follows_its_labelmap(tmp_path):
         expected = np.array([names[v] if v != 255 else "ignore" for v in label.ravel()], object).reshape(label.shape)
         assert (decoded == expected).all(), i
         objects = np.asarray(Image.open(cvat / "SegmentationObject" / f"{i}.png"))
-        n = sum(len(_components(label, v)) for v in (1, 2, 3))
+        n = sum(len(_components(label, v)) for v in (1, 2, 3, 255))  # ignored pixels are objects too
         assert sorted(np.unique(objects).tolist()) == list(range(n + 1))
         assert Image.open(cvat / "JPEGImages" / f"{i}.jpg").size == (label.shape[1], label.shape[0])
 

@@ -1,7 +1,13 @@
 """CVAT "Segmentation mask 1.1" export, the layout CVAT imports to correct masks in its editor:
 ``exports/cvat/labelmap.txt``, ``ImageSets/Segmentation/default.txt``, ``SegmentationClass/<id>.png`` (RGB: each
-pixel the colour of its label in labelmap.txt), ``SegmentationObject/<id>.png`` (palette: one index per
-8-connected component, 0 = none) and ``JPEGImages/<id>.jpg``.
+pixel the colour of its label in labelmap.txt), ``SegmentationObject/<id>.png`` (palette: object indices, 0 = none;
+:func:`object_map`) and ``JPEGImages/<id>.jpg``.
+
+CVAT reads the package with datumaro's VOC segmentation reader, which makes one mask annotation per object index of
+``SegmentationObject`` (its class from ``SegmentationClass``) and none for index 0: a pixel without an object is
+unpainted in CVAT, and comes back as CVAT's ``background``. So every pixel that is not of the background class has
+an object, the ignored ones included (as objects of the label ``ignore``), and when an image has more components than
+object indices, the smallest are merged per label (:func:`object_map`).
 
 Colours: a background class is black (0, 0, 0), CVAT's background; each object class has the PASCAL VOC colour of
 its 1-based class number, so no class is black in a dataset without a background class either (labelmap.txt then
@@ -22,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.formats._registry import IGNORE, ExportSource, components, place_image, register_format
+from pipeline.formats._registry import IGNORE, ExportSource, place_image, register_format
 from pipeline.runfolder import atomic_write_bytes, voc_palette, write_text
 
 IGNORE_LABEL = "ignore"
-MAX_OBJECTS = 254  # SegmentationObject indices 1..254 (255 is VOC's void); smaller components beyond that get 0
+MAX_OBJECTS = 254  # SegmentationObject indices 1..254 (255 is VOC's void)
 
 
 def label_colours(class_names: Sequence[str], background: bool) -> dict[str, tuple[int, int, int]]:
@@ -48,6 +54,50 @@ def _lut(class_names: Sequence[str], background: bool) -> np.ndarray:
         lut[index] = colours[name]
     lut[IGNORE] = colours[IGNORE_LABEL]
     return lut
+
+
+def object_map(label: np.ndarray, background: bool) -> np.ndarray:
+    """SegmentationObject's indices for a label map [H,W] uint8 (255 = ignore): each 8-connected component of each
+    label value, ignore included and a background class (index 0 with ``background``) left out, gets an index of
+    its own, the largest first (ties in label order, then OpenCV's scan order). An image with more components than
+    :data:`MAX_OBJECTS` keeps an index per component for the largest ones and merges the rest per label value into
+    one object each, so that every pixel but the background's keeps an object, and with it its label, through
+    CVAT's reader. Raises ValueError when the image has more label values than indices."""
+    import cv2
+
+    parts = []  # (area, label value, component number within the value)
+    comps = {}
+    for value in np.unique(label).tolist():
+        if background and value == 0:
+            continue
+        _, comp, stats, _ = cv2.connectedComponentsWithStats((label == value).astype(np.uint8), connectivity=8)
+        comps[value] = comp
+        parts += [(int(stats[j, cv2.CC_STAT_AREA]), value, j) for j in range(1, len(stats))]
+    if len(comps) > MAX_OBJECTS:
+        raise ValueError(f"{len(comps)} label values in one image: more than SegmentationObject's {MAX_OBJECTS} "
+                         "object indices")
+    parts.sort(key=lambda p: -p[0])  # stable: label order, then scan order among equal areas
+    rest_values, seen = [0] * (len(parts) + 1), set()  # rest_values[k]: the label values among parts[k:]
+    for k in range(len(parts) - 1, -1, -1):
+        seen.add(parts[k][1])
+        rest_values[k] = len(seen)
+    # components with an index of their own: as many as leave one index for each value's rest
+    keep = next(k for k in range(min(len(parts), MAX_OBJECTS), -1, -1) if k + rest_values[k] <= MAX_OBJECTS)
+    own = parts[:keep]
+    luts = {value: np.zeros(int(comp.max()) + 1, np.uint8) for value, comp in comps.items()}
+    for index, (_, value, j) in enumerate(own, start=1):
+        luts[value][j] = index
+    index = len(own)
+    for value in comps:  # what is left of each value: one object
+        rest = luts[value][1:] == 0
+        if rest.any():
+            index += 1
+            luts[value][1:][rest] = index
+    objects = np.zeros(label.shape, np.uint8)
+    for value, comp in comps.items():
+        where = label == value
+        objects[where] = luts[value][comp[where]]
+    return objects
 
 
 def _png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
@@ -79,11 +129,10 @@ def write_cvat(out_dir: Path, items: Iterable[tuple[str, Path, np.ndarray]], cla
             raise ValueError(f"{image_id}: label values {unknown} have no name among {len(class_names)} labels")
         place_image(Path(image), out_dir / "JPEGImages" / f"{image_id}.jpg", images)
         atomic_write_bytes(out_dir / "SegmentationClass" / f"{image_id}.png", _png(lut[label]))
-        objects = np.zeros(label.shape, np.uint8)
-        parts = sorted((m for v, m in components(label) if background is False or v != 0),
-                       key=lambda m: -int(m.sum()))
-        for j, mask in enumerate(parts[:MAX_OBJECTS], start=1):
-            objects[mask] = j
+        try:
+            objects = object_map(label, background)
+        except ValueError as exc:
+            raise ValueError(f"{image_id}: {exc}") from None
         atomic_write_bytes(out_dir / "SegmentationObject" / f"{image_id}.png", _png(objects, palette))
         ids.append(image_id)
     colours = label_colours(class_names, background)

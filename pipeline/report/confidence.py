@@ -1,7 +1,8 @@
 """The report's "Confidence and review queue" section: what a run without GT masks can say of its own pseudo-masks
 (``pipeline.confidence``, from the export's manifest.json). The classes ranked by confidence, a plain warning for
-each class below ``UNRELIABLE``, the IoU of the exported set beside the confidence when the dataset has GT, and the
-review queue: the least-confident images first, as image | exported mask | where the other label sets disagree."""
+each unreliable class (ranked within the run: ``pipeline.confidence.unreliable_classes``), the IoU of the exported set
+beside the confidence when the dataset has GT, and the review queue: the least-confident images first, as image |
+exported mask | where the other label sets disagree."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.confidence import UNRELIABLE, read_confidence, review_order
+from pipeline.confidence import NOISE, read_confidence, review_order
+from pipeline.data import read_image, read_mask
 from pipeline.report import figures as fg
 from pipeline.report.html import cards, e, fmt, grid, img, note, num, swatch, table
 
 DISAGREE = np.array([230, 40, 40], np.float32)  # pixels where another label set gives another label
 
 
-def _bar(value: float | None) -> str:
+def _bar(value: float | None, unreliable: bool) -> str:
     if value is None:
         return "<td></td>"
-    colour = "#c0392b" if value < UNRELIABLE else "#2e8b57"
+    colour = "#c0392b" if unreliable else "#2e8b57"
     return f'<td><span class="bar" style="width:{max(1, round(160 * value))}px;background:{colour}"></span></td>'
 
 
@@ -47,31 +49,36 @@ def confidence_section(builder: Any) -> str:
     per_class = summary.get("per_class") or {}
     ious = (metrics.get("confidence") or {}).get("iou") or {}
     unreliable = summary.get("unreliable") or []
+    median = summary.get("median")
     out = cards([("mean image confidence", fmt(summary.get("mean"), 2)), ("exported label set", e(exported)),
-                 (f"classes below {UNRELIABLE:g}", str(len(unreliable))), ("corrected masks", str(summary.get(
-                     "corrected", 0)))])
-    out += "".join(f'<p class="warn">⚠ {e(c)}: confidence {per_class[c]:.2f}. Its masks are likely wrong; review them '
-                   "(<code>wsss review</code>) before training on them, or leave the class out.</p>"
+                 ("unreliable classes", str(len(unreliable))), ("corrected masks", str(summary.get("corrected", 0)))])
+    out += "".join(f'<p class="warn">⚠ {e(c)}: confidence {per_class[c]:.2f}, among the lowest of this run'
+                   f'{f" (median {median:.2f})" if median is not None else ""}. Its masks are likely the worst; '
+                   "review them (<code>wsss review</code>) before training on them, or leave the class out.</p>"
                    for c in unreliable)
     rows = []
     for c in sorted(per_class, key=per_class.get):
         colour = builder.colours[ds.label_names.index(c)]
-        rows.append([f'<td class="k">{swatch(colour, c)}</td>', num(per_class[c], 2), _bar(per_class[c]),
-                     *([num(ious.get(c))] if ious else []),
-                     f"<td>{'unreliable' if per_class[c] < UNRELIABLE else ''}</td>"])
+        rows.append([f'<td class="k">{swatch(colour, c)}</td>', num(per_class[c], 2), _bar(per_class[c],
+                     c in unreliable), *([num(ious.get(c))] if ious else []),
+                     f"<td>{'unreliable' if c in unreliable else ''}</td>"])
     out += table(["class", "confidence", "", *(["IoU (GT)"] if ious else []), ""], rows)
+    quartile = summary.get("quartile")
+    below = f" (below {quartile:.2f})" if quartile is not None else ""
+    rule = (f"a class in the lowest quarter of this run's classes{below}"
+            f" and below the run's median by more than {NOISE:g} standard errors of its mean: ranked within the run, "
+            "since the confidence's level differs between datasets")
     out += note(
         "Confidence in [0, 1] without GT (pipeline/confidence.py): the mean of the agreement of the exported set "
         f"<code>{e(exported)}</code> with the run's other label sets, the map's margin for the mask's labels, and "
         "the share of pixels not ignored; per class over the images whose labels name it, a class the mask misses "
-        "counting 0." + (" IoU: the exported set against the GT masks, beside it." if ious else
-                         " No GT masks: these are the run's quality figures."))
+        f"counting 0. Unreliable: {rule}."
+        + (" IoU: the exported set against the GT masks, beside it." if ious else
+           " No GT masks: these are the run's quality figures."))
     return out + "<h3>Review queue</h3>" + _queue(builder, manifest, exported)
 
 
 def _queue(builder: Any, manifest: dict, exported: str) -> str:
-    from pipeline.data import read_image, read_mask
-
     run, ds, opts = builder.run, builder.ds, builder.opts
     order = review_order(manifest)[:opts.samples]
     if not order:
