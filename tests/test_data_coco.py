@@ -154,7 +154,7 @@ def test_a_broken_coco_file_fails_with_one_line_naming_the_file_and_entry(tmp_pa
 def test_rle_strings_round_trip_through_pycocotools():
     from pycocotools import mask as mask_utils
 
-    from pipeline.formats.coco import decode_rle, encode_rle
+    from pipeline.rle import decode_rle, encode_rle
 
     rng = np.random.default_rng(1)
     for shape in [(1, 1), (7, 5), (64, 48)]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.data.dataset import IGNORE, SegDataset, build_samples
 from pipeline.errors import DataError
+from pipeline.rle import decode_rle
 from pipeline.runfolder import atomic_dir, files_fingerprint, read_json, save_label_png, write_json
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if list(seg["size"]) != [height, width]:
             return f"an RLE of size {seg['size']} on an image of {height}x{width} (size is [height, width])"
-        from pipeline.formats.coco import decode_rle
-
         try:
             decode_rle(seg)
         except (ValueError, TypeError) as exc:
@@ -90,8 +89,6 @@ def rasterise(anns: list[dict[str, Any]], height: int, width: int, index: dict[i
               ) -> np.ndarray:
     """The label map of one image's annotations (``index``: category id -> label index)."""
     from skimage.draw import polygon
-
-    from pipeline.formats.coco import decode_rle
 
     def mask_of(ann: dict[str, Any]) -> np.ndarray:
         seg = ann["segmentation"]
