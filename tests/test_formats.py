@@ -130,6 +130,36 @@ def test_a_rotated_source_with_a_mask_of_the_stored_size_fails_with_one_line(tmp
     assert (out / "earlier.txt").read_text() == "kept"  # the earlier export is left as it was
 
 
+def test_the_voc_export_and_the_formats_place_images_alike(tmp_path, monkeypatch):
+    """One place_image serves the VOC export and every format: a link to the file the source resolves to, a copy
+    with export.images: copy, and one line naming the folder where links cannot be made."""
+    import errno
+    import os
+
+    from pipeline.errors import UserError
+
+    kinds, root = _export(tmp_path, tmp_path / "pm")
+    linked = tmp_path / "pm" / "JPEGImages" / "plain.jpg"
+    assert linked.is_symlink() and os.readlink(linked) == str((root / "images" / "plain.jpg").resolve())
+    write_formats(tmp_path / "pm", tmp_path / "exports", ["mmseg"], "link")
+    placed = tmp_path / "exports" / "mmseg" / "img_dir" / "train" / "plain.jpg"
+    assert placed.is_symlink() and os.readlink(placed) == str(linked.resolve())  # the dataset's file, not the link
+    write_formats(tmp_path / "pm", tmp_path / "copies", ["mmseg"], "copy")
+    copied = tmp_path / "copies" / "mmseg" / "img_dir" / "train" / "plain.jpg"
+    assert not copied.is_symlink() and copied.read_bytes() == (root / "images" / "plain.jpg").read_bytes()
+
+    def refuse(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", refuse)
+    for write in (lambda: _export(tmp_path / "again", tmp_path / "again" / "pm"),
+                  lambda: write_formats(tmp_path / "pm", tmp_path / "refused", ["coco"], "link")):
+        with pytest.raises(UserError) as exc:
+            write()
+        assert str(exc.value).endswith(": cannot make symbolic links here (Operation not permitted); set "
+                                       "export.images: copy")
+
+
 # ------------------------------------------------------------------------------------------- the other formats
 CLASSES = ["disc", "ring", "dot"]
 
