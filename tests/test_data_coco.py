@@ -284,3 +284,92 @@ def test_rle_strings_round_trip_through_pycocotools():
         assert ours["counts"] == mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
         np.testing.assert_array_equal(decode_rle(ours), m)
         assert (mask_utils.decode({"size": ours["size"], "counts": ours["counts"].encode()}) == m).all()
+
+
+# ------------------------------------------------------------------------------- datasets/README.md's COCO 2017
+README = Path(__file__).resolve().parents[1] / "datasets" / "README.md"
+SHAPES = {1: "disc", 2: "block"}  # category id -> name
+
+
+def _readme_coco2017() -> dict:
+    """The COCO 2017 config that datasets/README.md gives, as its YAML block reads."""
+    import re
+
+    import yaml
+
+    block = re.search(r"^```yaml\n(# configs/coco2017\.yaml\n.*?)^```", README.read_text(encoding="utf-8"),
+                      flags=re.S | re.M)
+    assert block, "datasets/README.md has no configs/coco2017.yaml block"
+    return yaml.safe_load(block.group(1))
+
+
+def _coco2017(root: Path) -> None:
+    """COCO 2017 as it unpacks, in small: annotations/instances_{train,val}2017.json, train2017/, val2017/; on each
+    48x48 image a disc (a polygon) and/or a block (a polygon), in colours of their own."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train2017", 16), ("val2017", 6)):
+        (root / split).mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(n):
+            image = rng.integers(60, 120, (48, 48, 3)).astype(np.uint8)
+            name = f"{split}_{i:012d}.jpg"
+            images.append({"id": 100 + i, "file_name": name, "height": 48, "width": 48})
+            for cat in (1, 2) if i % 3 == 0 else ((1,) if i % 3 == 1 else (2,)):
+                x, y = (6, 6) if cat == 1 else (26, 24)
+                if cat == 1:
+                    t = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+                    poly = np.stack([x + 9 + 8 * np.cos(t), y + 9 + 8 * np.sin(t)], 1)
+                else:
+                    poly = np.array([[x, y], [x + 16, y], [x + 16, y + 16], [x, y + 16]], float)
+                colour = (230, 40, 40) if cat == 1 else (40, 40, 230)
+                cv2.fillPoly(image, [np.round(poly - 0.5).astype(np.int32)], colour)
+                annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "category_id": cat,
+                                    "iscrowd": 0, "segmentation": [poly.ravel().round(1).tolist()]})
+            Image.fromarray(image).save(root / split / name, quality=95)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": images, "annotations": annotations,
+            "categories": [{"id": k, "name": v, "supercategory": "shape"} for k, v in SHAPES.items()]}))
+
+
+def test_the_readme_coco_2017_config_runs_and_its_old_form_fails_before_training(tmp_path, capsys):
+    import yaml
+
+    from pipeline.config import _merged
+    from stages.cli import main
+
+    readme = _readme_coco2017()
+    assert readme["data"] | {"root": "-"} == {"kind": "coco", "root": "-", "background": True,
+                                              "train_split": "train2017", "val_split": "val2017"}
+    root, run = tmp_path / "coco", tmp_path / "run"
+    _coco2017(root)
+    small = {  # the run made small (as docs/api.md's example); the data and maps.split are the README's
+        "run_dir": str(run), "data": {"root": str(root)},
+        "classifier": {"backbone": "smallcnn", "pretrained": "none", "input_size": 48, "epochs": 2, "batch_size": 8},
+        "maps": {"scales": [1.0], "flip": False},
+        "refine": {"refiners": ["threshold"], "workers": "1"},
+        "affinity": {"enabled": False},
+        "segmenter": {"backbone": "smallcnn", "pretrained": "none", "channels": 8, "atrous_rates": [1, 2, 3],
+                      "frozen_stages": 0, "input_size": 48, "crop_size": 48, "epochs": 1, "batch_size": 8,
+                      "test_scales": [1.0], "crf": False, "upper_bound": False},
+        "evaluate": {"faithfulness": {"enabled": False}},
+    }
+    old = tmp_path / "old.yaml"  # the README's config before: maps.split left at its default, train
+    old.write_text(yaml.safe_dump(_merged({k: v for k, v in readme.items() if k != "maps"}, small)))
+    assert main(["all", "--config", str(old)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: config key 'maps.split': split 'train': {root / 'annotations' / 'instances_train.json'} not found "
+        "(data.coco.annotations, {split} standing for the split's name)"]
+    assert not (run / "classifier.pt").exists()  # nothing trained
+
+    config = tmp_path / "coco2017.yaml"
+    config.write_text(yaml.safe_dump(_merged(readme, small)))
+    assert main(["all", "--config", str(config)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    manifest = json.loads((run / "pseudo_masks" / "manifest.json").read_text())
+    assert manifest["classes"] == ["disc", "block"] and len(manifest["images"]) == 16  # every train2017 image
+    assert metrics["pseudo_masks"]["threshold"]["miou"] > 0  # scored against the GT masks of train2017
+    assert metrics["segmenter"]["split"] == "val2017"
+    assert sorted(p.name for p in (root / "masks").iterdir()) == ["train2017", "val2017"]

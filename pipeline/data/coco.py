@@ -46,7 +46,12 @@ MASKS_MARKER = ".source.json"  # in the masks folder: what the masks were raster
 
 def _path(root: Path, template: str, split: str) -> Path:
     p = Path(template.replace("{split}", split))
-    return p if p.is_absolute() else root / p
+    return p if p.is_absolute() else Path(root) / p
+
+
+def annotations_file(root: Path, split: str, annotations: str = "annotations/instances_{split}.json") -> Path:
+    """The instances JSON of ``split`` (``annotations``: ``data.coco.annotations``)."""
+    return _path(root, annotations, split)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -123,7 +128,7 @@ def rasterise(anns: list[dict[str, Any]], height: int, width: int, index: dict[i
 def read_coco(root: Path, split: str, background: bool, annotations: str = "annotations/instances_{split}.json",
               images: str = "{split}", masks: str = "masks/{split}") -> SegDataset:
     root = Path(root)
-    path = _path(root, annotations, split)
+    path = annotations_file(root, split, annotations)
     data = _load(path)
     image_dir, mask_dir = _path(root, images, split), _path(root, masks, split)
 
