@@ -22,7 +22,6 @@ refiner on the affinity stage's walked maps (``<refiner>_rw``) before any on the
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_image, read_mask
 from pipeline.data.dataset import EXIF_ORIENTATION
-from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.errors import ConfigError, DataError
+from pipeline.formats._registry import place_image
 from pipeline.refine import DECOUPLED, SUFFIX
 from pipeline.runfolder import atomic_dir, read_json, write_json, write_text
 
@@ -130,8 +130,9 @@ def _linkable(src: Path) -> tuple[bool, tuple[int, int]]:
 
 
 def _place_image(src: Path, dst: Path, shape: tuple[int, int], images: str) -> None:
-    """``dst`` (a .jpg) as the upright image of ``src``, of size ``shape`` (its label map's): a link or copy of a
-    JPEG that is one already, else a JPEG written from the pixels the pipeline read."""
+    """``dst`` (a .jpg) as the upright image of ``src``, of size ``shape`` (its label map's): a JPEG that is one
+    already is placed as every export format places its images (``place_image``: a link, or a copy), any other is
+    written as a JPEG from the pixels the pipeline read."""
     linkable, size = _linkable(src)
     if not linkable:
         from PIL import Image
@@ -141,16 +142,10 @@ def _place_image(src: Path, dst: Path, shape: tuple[int, int], images: str) -> N
     if tuple(size) != tuple(shape):
         raise DataError(f"{src}: image size {size[1]}x{size[0]} differs from its refined label map "
                         f"{shape[1]}x{shape[0]} (rerun the refine stage with --force)")
-    if not linkable:
-        Image.fromarray(rgb).save(dst, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-    elif images == "copy":
-        shutil.copyfile(src, dst)
+    if linkable:
+        place_image(src, dst, images)
     else:
-        try:
-            os.symlink(src.resolve(), dst)
-        except OSError as exc:
-            raise UserError(f"{dst.parent}: cannot make symbolic links here ({exc.strerror}); "
-                            "set export.images: copy") from None
+        Image.fromarray(rgb).save(dst, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
 
 
 FORMAT_MARKER = "export.json"  # in exports/<format>/: the fingerprint of the VOC export it was written from

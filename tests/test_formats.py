@@ -130,6 +130,36 @@ def test_a_rotated_source_with_a_mask_of_the_stored_size_fails_with_one_line(tmp
     assert (out / "earlier.txt").read_text() == "kept"  # the earlier export is left as it was
 
 
+def test_the_voc_export_and_the_formats_place_images_alike(tmp_path, monkeypatch):
+    """One place_image serves the VOC export and every format: a link to the file the source resolves to, a copy
+    with export.images: copy, and one line naming the folder where links cannot be made."""
+    import errno
+    import os
+
+    from pipeline.errors import UserError
+
+    kinds, root = _export(tmp_path, tmp_path / "pm")
+    linked = tmp_path / "pm" / "JPEGImages" / "plain.jpg"
+    assert linked.is_symlink() and os.readlink(linked) == str((root / "images" / "plain.jpg").resolve())
+    write_formats(tmp_path / "pm", tmp_path / "exports", ["mmseg"], "link")
+    placed = tmp_path / "exports" / "mmseg" / "img_dir" / "train" / "plain.jpg"
+    assert placed.is_symlink() and os.readlink(placed) == str(linked.resolve())  # the dataset's file, not the link
+    write_formats(tmp_path / "pm", tmp_path / "copies", ["mmseg"], "copy")
+    copied = tmp_path / "copies" / "mmseg" / "img_dir" / "train" / "plain.jpg"
+    assert not copied.is_symlink() and copied.read_bytes() == (root / "images" / "plain.jpg").read_bytes()
+
+    def refuse(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", refuse)
+    for write in (lambda: _export(tmp_path / "again", tmp_path / "again" / "pm"),
+                  lambda: write_formats(tmp_path / "pm", tmp_path / "refused", ["coco"], "link")):
+        with pytest.raises(UserError) as exc:
+            write()
+        assert str(exc.value).endswith(": cannot make symbolic links here (Operation not permitted); set "
+                                       "export.images: copy")
+
+
 # ------------------------------------------------------------------------------------------- the other formats
 CLASSES = ["disc", "ring", "dot"]
 
@@ -211,6 +241,14 @@ def test_coco_decodes_in_pycocotools_to_the_label_maps(tmp_path, background):
             assert mask_utils.encode(np.asfortranarray(coco.annToMask(a)))["counts"].decode() == rle["counts"]
     n_components = sum(len(_components(lab, k + off)) for lab in scene.values() for k in range(len(CLASSES)))
     assert len(coco.getAnnIds()) == n_components
+    # the rectangle of "b c" (rows 0..11, columns 20..43 of 30x44; "ring"), in numbers: its run lengths, column by
+    # column, are 20 empty columns, then 12 set and 18 clear pixels in each of the 24 columns
+    b = next(img for img in coco.loadImgs(coco.getImgIds()) if img["file_name"] == "b c.jpg")
+    (rect,) = coco.loadAnns(coco.getAnnIds(imgIds=[b["id"]], catIds=[2]))
+    runs = mask_utils.frPyObjects({"size": [30, 44], "counts": [20 * 30] + [12, 18] * 24}, 30, 44)
+    assert rect["segmentation"] == {"size": [30, 44], "counts": runs["counts"].decode()}
+    assert rect["area"] == 12 * 24 == mask_utils.area(runs) and rect["bbox"] == [20, 0, 24, 12]
+    assert rect["iscrowd"] == 0 and rect["category_id"] == 2
 
 
 def test_hf_loads_offline_with_load_from_disk(tmp_path, monkeypatch):
@@ -230,61 +268,114 @@ def test_hf_loads_offline_with_load_from_disk(tmp_path, monkeypatch):
         assert row["image"].size == row["label"].size and row["image"].mode == "RGB"
 
 
-def test_mmseg_snippet_and_folders_follow_its_dataset_rules(tmp_path):
+def _mmcv_seg_map(path: Path, backend: str) -> np.ndarray:
+    """An annotation PNG as mmseg's LoadAnnotations reads it: ``mmcv.imfrombytes(bytes, flag='unchanged',
+    backend=imdecode_backend).squeeze().astype(np.uint8)``; pillow (the default) keeps the decoded array as it is,
+    cv2 decodes with IMREAD_UNCHANGED."""
+    import io
+
+    import cv2
+
+    data = path.read_bytes()
+    if backend == "cv2":
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        with Image.open(io.BytesIO(data)) as im:
+            array = np.array(im)
+    return array.squeeze().astype(np.uint8)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_mmseg_snippet_and_folders_follow_its_dataset_rules(tmp_path, background):
+    import cv2
+
     from pipeline.runfolder import voc_palette
 
-    scene, exports = _formats(tmp_path, True, ["mmseg"])
+    scene, exports = _formats(tmp_path, background, ["mmseg"])
     snippet = {}
     exec(compile((exports / "mmseg" / "dataset.py").read_text(), "dataset.py", "exec"), {"dict": dict}, snippet)
     ds = snippet["train_dataloader"]["dataset"]
     assert ds is snippet["train_dataset"] and ds["pipeline"][0] == {"type": "LoadImageFromFile"}
+    assert ds["pipeline"][1] == {"type": "LoadAnnotations"}  # mmseg's defaults: imdecode_backend pillow
     assert ds["type"] == "BaseSegDataset" and ds["reduce_zero_label"] is False and ds["ignore_index"] == 255
-    assert ds["metainfo"]["classes"] == ("background", *CLASSES)
-    assert ds["metainfo"]["palette"] == [voc_palette()[3 * k: 3 * k + 3] for k in range(4)]
+    names = (["background"] if background else []) + CLASSES
+    assert ds["metainfo"]["classes"] == tuple(names)
+    assert ds["metainfo"]["palette"] == [voc_palette()[3 * k: 3 * k + 3] for k in range(len(names))]
     root = Path(ds["data_root"])
     assert root == (exports / "mmseg").resolve()
     for i, label in scene.items():  # mmseg: img_path/<name><img_suffix> pairs with seg_map_path/<name><seg_map_suffix>
         img = root / ds["data_prefix"]["img_path"] / f"{i}{ds['img_suffix']}"
         seg = root / ds["data_prefix"]["seg_map_path"] / f"{i}{ds['seg_map_suffix']}"
-        np.testing.assert_array_equal(np.asarray(Image.open(seg)), label)  # read unchanged (pillow backend)
+        for backend in ("pillow", "cv2"):  # either of mmcv's decoders reads the label indices
+            np.testing.assert_array_equal(_mmcv_seg_map(seg, backend), label, err_msg=f"{i} {backend}")
+        np.testing.assert_array_equal(cv2.imread(str(seg), cv2.IMREAD_GRAYSCALE), label)  # and a plain cv2.imread
+        assert set(np.unique(label)) - {255} <= set(range(len(names)))  # every value a class of metainfo, or ignore
         assert Image.open(img).size == Image.open(seg).size
     assert len(list((root / "img_dir" / "train").iterdir())) == len(scene)
 
 
-def test_yolo_polygons_follow_ultralytics_rules(tmp_path):
-    import cv2
-    import yaml
+def _resample(segment: np.ndarray, n: int = 1000) -> np.ndarray:
+    """Ultralytics' ``resample_segments`` (ultralytics/utils/ops.py): the polygon closed, then n points along it by
+    linear interpolation, its own vertices kept."""
+    s = np.concatenate((segment, segment[:1]), axis=0)
+    x = np.linspace(0, len(s) - 1, n - len(s))
+    xp = np.arange(len(s))
+    x = np.insert(x, np.searchsorted(x, xp), xp)
+    return np.concatenate([np.interp(x, xp, s[:, d]) for d in range(2)], dtype=np.float32).reshape(2, -1).T
 
-    scene, exports = _formats(tmp_path, True, ["yolo"])
+
+def _ultralytics_masks(label_file: Path, num_classes: int, h: int, w: int) -> np.ndarray:
+    """The class masks Ultralytics trains on from a segmentation label file, by its rules (verify_image_label in
+    ultralytics/data/utils.py, then denormalize, resample_segments and polygon2mask): lines split on whitespace,
+    segments when a line has more than 6 values, each checked as a box (5 columns, coordinates within [0, 1],
+    class below the count, no duplicate row); the points scaled by the image size in float32, resampled, truncated
+    to int32 and filled with cv2.fillPoly."""
+    import cv2
+
+    rows = [x.split() for x in label_file.read_text(encoding="utf-8").strip().splitlines() if len(x)]
+    masks = np.zeros((num_classes, h, w), bool)
+    if not rows:
+        return masks
+    assert any(len(r) > 6 for r in rows)  # read as segments, not as boxes
+    classes = np.array([r[0] for r in rows], np.float32)
+    segments = [np.array(r[1:], np.float32).reshape(-1, 2) for r in rows]
+    boxes = np.array([[s[:, 0].min(), s[:, 1].min(), s[:, 0].max(), s[:, 1].max()] for s in segments])
+    lb = np.concatenate([classes[:, None], (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+    assert lb.shape[1] == 5 and lb[:, 1:].max() <= 1.01 and lb.min() >= -0.01 and lb[:, 0].max() < num_classes
+    assert len(np.unique(lb, axis=0)) == len(lb)  # Ultralytics would drop a duplicate
+    for k, s in zip(classes.astype(int), segments, strict=True):
+        points = _resample(s * np.array([w, h], np.float32)).astype(np.int32)
+        canvas = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(canvas, [points.reshape(-1, 1, 2)], 1)
+        masks[k] |= canvas.astype(bool)
+    return masks
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_yolo_polygons_read_by_ultralytics_rules_give_the_label_maps(tmp_path, background):
+    """Each class's mask, as Ultralytics rasterises the polygons, is exactly the union of its components with their
+    holes filled (a polygon has none); a component enclosing no area (one pixel) is dropped. Without a background
+    class, the class that fills the rest of an image is one large polygon under the others."""
+    import yaml
+    from scipy import ndimage
+
+    scene, exports = _formats(tmp_path, background, ["yolo"])
     data = yaml.safe_load((exports / "yolo" / "data.yaml").read_text())
     assert data["names"] == {0: "disc", 1: "ring", 2: "dot"} and Path(data["path"]) == (exports / "yolo").resolve()
+    off = int(background)
     for i, label in scene.items():
         h, w = label.shape
         assert (Path(data["path"]) / data["train"] / f"{i}.jpg").exists()
-        lines = (exports / "yolo" / "labels" / "train" / f"{i}.txt").read_text().splitlines()
-        drawn = np.full((3, h, w), False)
-        for line in lines:
-            k, *xy = line.split()
-            xy = np.array(xy, float).reshape(-1, 2)
-            assert len(xy) >= 3 and (xy >= 0).all() and (xy <= 1).all()
-            canvas = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(canvas, [np.round(xy * [w, h] - 0.5).astype(np.int32)], 1)
-            drawn[int(k)] |= canvas.astype(bool)
-        for k in range(3):
-            want = label == k + 1
-            if k == 1:  # the ring is written as its outline: the hole is filled
-                want = want | (_filled_holes(want) & (label == 0))
-            if want.sum() <= 1:  # a one-pixel component encloses no area: dropped
-                assert not drawn[k].any()
-                continue
-            assert _iou(drawn[k], want) > 0.95, (i, k)
-    assert len((exports / "yolo" / "labels" / "train" / "a.txt").read_text().splitlines()) == 3  # 2 discs, 1 ring
-
-
-def _filled_holes(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.binary_fill_holes(mask)
+        drawn = _ultralytics_masks(exports / "yolo" / "labels" / "train" / f"{i}.txt", len(data["names"]), h, w)
+        for k in range(len(CLASSES)):
+            want = np.zeros((h, w), bool)
+            for component in _components(label, k + off):
+                if component.sum() > 1:
+                    want |= ndimage.binary_fill_holes(component)
+            np.testing.assert_array_equal(drawn[k], want, err_msg=f"{i} class {k}")
+    lines = (exports / "yolo" / "labels" / "train" / "a.txt").read_text().splitlines()
+    # 2 discs and 1 ring; without a background class also "dot": the rest of the image, and the ring's hole
+    assert sorted(line.split()[0] for line in lines) == ["0", "0", "1"] + ([] if background else ["2", "2"])
 
 
 def test_cvat_segmentation_mask_follows_its_labelmap(tmp_path):

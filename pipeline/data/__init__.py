@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config, DataConfig
-from pipeline.data.coco import read_coco
+from pipeline.data.coco import annotations_file, read_coco
 from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask, spread
 from pipeline.data.folder import read_folder
+from pipeline.data.folder import split_file as folder_split_file
 from pipeline.data.voc import read_voc
+from pipeline.data.voc import split_file as voc_split_file
 
 __all__ = ["IGNORE", "Sample", "SegDataset", "check_mask_sizes", "load_dataset", "maps_dataset", "prepare_data",
-           "read_image", "read_mask", "spread"]
+           "read_image", "read_mask", "split_file", "spread"]
 
 READERS = {"voc": read_voc, "synthetic": read_voc, "folder": read_folder}
 
@@ -41,3 +43,19 @@ def maps_dataset(cfg: Config) -> SegDataset:
     ds = load_dataset(cfg.data, cfg.maps.split)
     ds.samples = spread(ds.samples, cfg.maps.limit)
     return ds
+
+
+def split_file(cfg: DataConfig, split: str) -> Path | None:
+    """The file that ``split`` is read from, which must exist before any stage reads it: the split's list of ids
+    (voc, folder, synthetic) or its instances JSON (coco). None where no file need exist yet: a split that a folder
+    dataset without ``splits/`` holds out by hash, or one the synthetic generator writes on first use."""
+    root = Path(cfg.root)
+    if cfg.kind == "synthetic":
+        from pipeline.data.synthetic import SPLITS  # as in prepare_data: the generator's module imports cv2
+
+        return None if split in SPLITS else voc_split_file(root, split)
+    if cfg.kind == "folder":
+        return folder_split_file(root, split)
+    if cfg.kind == "coco":
+        return annotations_file(root, split, cfg.coco.annotations)
+    return voc_split_file(root, split)

@@ -14,8 +14,16 @@ entries' ``file_name`` are relative to) and ``masks`` (default ``masks/{split}``
   pixels are the background (``data.background: true``) or 255 (``false``: no index means "nothing").
 - An image's id (run folder names) is its ``file_name``'s stem, unique in the split.
 
-A JSON that names a missing image, a category absent from ``categories`` or a malformed segmentation ends with
-one ``DataError`` naming the file and the entry.
+Files as users have them are read as detectron2 and mmdet read them: a file of boxes without ``segmentation`` (or
+with ``segmentation: []``), a degenerate polygon, an RLE of the wrong size or an unknown ``category_id`` among
+thousands of good annotations still gives every image its image-level labels, which is all the classifier needs.
+An annotation of an unknown category gives no label, one of an unknown ``image_id`` is skipped. GT masks are
+written only for the images each of whose annotations has a sound segmentation of a known category; the others
+have no ``mask_path`` (evaluate scores the images with GT masks only), and one warning line counts them and the
+annotations at fault, with an example of each fault. What makes the file unusable as a whole (not JSON, no
+``images``/``annotations``/``categories`` list, a category or image entry without its keys, an image that is not
+in the image folder, two images or categories that share a name) ends with one ``DataError`` naming the file and
+the entry.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import numpy as np
 
 from pipeline.data.dataset import IGNORE, SegDataset, build_samples
 from pipeline.errors import DataError
+from pipeline.rle import decode_rle
 from pipeline.runfolder import atomic_dir, files_fingerprint, read_json, save_label_png, write_json
 
 log = logging.getLogger(__name__)
@@ -37,7 +46,12 @@ MASKS_MARKER = ".source.json"  # in the masks folder: what the masks were raster
 
 def _path(root: Path, template: str, split: str) -> Path:
     p = Path(template.replace("{split}", split))
-    return p if p.is_absolute() else root / p
+    return p if p.is_absolute() else Path(root) / p
+
+
+def annotations_file(root: Path, split: str, annotations: str = "annotations/instances_{split}.json") -> Path:
+    """The instances JSON of ``split`` (``annotations``: ``data.coco.annotations``)."""
+    return _path(root, annotations, split)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -63,10 +77,9 @@ def _entry(path: Path, what: str, entry: Any, keys: tuple[str, ...]) -> None:
 
 
 def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
-    """Why ``seg`` is not a valid COCO segmentation of an image of that size, or None."""
+    """Why ``seg`` is not a valid COCO segmentation of an image of that size, or None. (A missing one, ``None`` or
+    ``[]``, is told apart by the caller: boxes-only files are common and not malformed.)"""
     if isinstance(seg, list):
-        if not seg:
-            return "an empty polygon list"
         for poly in seg:
             if not isinstance(poly, list) or not all(isinstance(v, int | float) for v in poly):
                 return "a polygon that is not a list of numbers"
@@ -74,10 +87,8 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
                 return f"a polygon of {len(poly)} numbers (x, y pairs, at least 3 points)"
         return None
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [height, width]:
+        if not isinstance(seg["size"], list) or seg["size"] != [height, width]:
             return f"an RLE of size {seg['size']} on an image of {height}x{width} (size is [height, width])"
-        from pipeline.formats.coco import decode_rle
-
         try:
             decode_rle(seg)
         except (ValueError, TypeError) as exc:
@@ -90,8 +101,6 @@ def rasterise(anns: list[dict[str, Any]], height: int, width: int, index: dict[i
               ) -> np.ndarray:
     """The label map of one image's annotations (``index``: category id -> label index)."""
     from skimage.draw import polygon
-
-    from pipeline.formats.coco import decode_rle
 
     def mask_of(ann: dict[str, Any]) -> np.ndarray:
         seg = ann["segmentation"]
@@ -119,7 +128,7 @@ def rasterise(anns: list[dict[str, Any]], height: int, width: int, index: dict[i
 def read_coco(root: Path, split: str, background: bool, annotations: str = "annotations/instances_{split}.json",
               images: str = "{split}", masks: str = "masks/{split}") -> SegDataset:
     root = Path(root)
-    path = _path(root, annotations, split)
+    path = annotations_file(root, split, annotations)
     data = _load(path)
     image_dir, mask_dir = _path(root, images, split), _path(root, masks, split)
 
@@ -150,32 +159,53 @@ def read_coco(root: Path, split: str, background: bool, annotations: str = "anno
         entries[im["id"]] = im
         ids.append(sid)
         files[sid] = file
-    by_image: dict[Any, list[dict[str, Any]]] = {k: [] for k in entries}
-    for ann in data["annotations"]:
-        _entry(path, "annotation", ann, ("id", "image_id", "category_id", "segmentation"))
-        where = f"{path}: annotation {ann['id']}"
-        if ann["image_id"] not in entries:
-            raise DataError(f"{where}: image_id {ann['image_id']} is not among the images")
-        if ann["category_id"] not in index:
-            raise DataError(f"{where}: category_id {ann['category_id']} is not among the categories "
-                            f"(ids {', '.join(str(c['id']) for c in cats)})")
-        im = entries[ann["image_id"]]
-        why = _check_segmentation(ann["segmentation"], int(im["height"]), int(im["width"]))
+    by_image: dict[Any, list[dict[str, Any]]] = {k: [] for k in entries}  # the annotations of known categories
+    faults = _Faults()
+    unsound: set[Any] = set()  # images with an annotation that cannot be painted: no GT mask
+    for n, ann in enumerate(data["annotations"]):
+        ann = ann if isinstance(ann, dict) else {}
+        name = f"annotation {ann['id']}" if "id" in ann else f"annotation #{n + 1}"
+        image_id = ann.get("image_id")
+        if not isinstance(image_id, int | str) or image_id not in entries:
+            faults.add("of an image_id not among the images, skipped", f"{name}: image_id {image_id!r}")
+            continue
+        category = ann.get("category_id")
+        if not isinstance(category, int | str) or category not in index:
+            faults.add("of a category_id not among the categories", f"{name}: category_id {category!r}")
+            unsound.add(image_id)
+            continue
+        by_image[image_id].append(ann)
+        seg = ann.get("segmentation")
+        if seg is None or seg == []:
+            faults.add("without a segmentation", name)
+            unsound.add(image_id)
+            continue
+        im = entries[image_id]
+        why = _check_segmentation(seg, int(im["height"]), int(im["width"]))
         if why:
-            raise DataError(f"{where}: malformed segmentation: {why}")
-        by_image[ann["image_id"]].append(ann)
+            faults.add("with a malformed segmentation", f"{name}: {why}")
+            unsound.add(image_id)
+    sound = {k: anns for k, anns in by_image.items() if anns and k not in unsound}
+    labelled = sum(1 for anns in by_image.values() if anns)
+    if faults:
+        unmasked = (f"{labelled - len(sound)} of {labelled} labelled images get no GT mask (evaluate scores only "
+                    "those with one): ") if len(sound) < labelled else ""
+        log.warning("%s: %s%s", path, unmasked, faults.describe())
 
     labels = {Path(str(entries[k]["file_name"])).stem: tuple(sorted({index[a["category_id"]] - int(background)
                                                                     for a in anns}))
               for k, anns in by_image.items()}
-    mask_paths = _masks(path, mask_dir, entries, by_image, index, background)
+    mask_paths = _masks(path, mask_dir, entries, sound, index, background)
     return build_samples(root, classes, background, ids, files, labels, mask_paths, source=path)
 
 
-def _masks(path: Path, mask_dir: Path, entries: dict[Any, dict[str, Any]], by_image: dict[Any, list],
+def _masks(path: Path, mask_dir: Path, entries: dict[Any, dict[str, Any]], sound: dict[Any, list],
            index: dict[int, int], background: bool) -> dict[str, Path]:
-    """The GT mask of every annotated image, rasterised into ``mask_dir`` unless it holds those of this JSON."""
-    stems = {k: Path(str(im["file_name"])).stem for k, im in entries.items() if by_image[k]}
+    """The GT mask of every image of ``sound`` (image id -> its annotations, each with a sound segmentation),
+    rasterised into ``mask_dir`` unless it holds those of this JSON; nothing is written when there is none."""
+    stems = {k: Path(str(entries[k]["file_name"])).stem for k in sound}
+    if not stems:
+        return {}
     source = {"annotations": files_fingerprint([path]), "background": background}
     try:
         current = read_json(mask_dir / MASKS_MARKER) == source
@@ -187,10 +217,29 @@ def _masks(path: Path, mask_dir: Path, entries: dict[Any, dict[str, Any]], by_im
             with atomic_dir(mask_dir) as tmp:
                 for k, stem in stems.items():
                     im = entries[k]
-                    save_label_png(tmp / f"{stem}.png", rasterise(by_image[k], int(im["height"]), int(im["width"]),
+                    save_label_png(tmp / f"{stem}.png", rasterise(sound[k], int(im["height"]), int(im["width"]),
                                                                  index, background))
                 write_json(tmp / MASKS_MARKER, source)
         except OSError as exc:
             raise DataError(f"{mask_dir}: cannot write the GT masks here ({exc.strerror or exc}); set "
                             "data.coco.masks to a folder that can be written") from None
     return {stem: mask_dir / f"{stem}.png" for stem in stems.values()}
+
+
+class _Faults:
+    """The annotations at fault, by fault: how many, and the first one (for the one warning line)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.example: dict[str, str] = {}
+
+    def add(self, fault: str, example: str) -> None:
+        self.count[fault] = self.count.get(fault, 0) + 1
+        self.example.setdefault(fault, example)
+
+    def __bool__(self) -> bool:
+        return bool(self.count)
+
+    def describe(self) -> str:
+        return "; ".join(f"{n} annotation{'s' * (n != 1)} {fault} (e.g. {self.example[fault]})"
+                         for fault, n in self.count.items())

@@ -38,6 +38,15 @@ def held_out(ids: list[str], fraction: float) -> set[str]:
     return val - {ranked[-1]}
 
 
+def split_file(root: Path, split: str) -> Path | None:
+    """The file that lists the image ids of ``split``, ``splits/<split>.txt``; None where the split is held out by
+    hash instead: ``train``, ``val`` and ``all`` (``HELD_OUT_SPLITS``) of a dataset without ``splits/``."""
+    root = Path(root)
+    if split in HELD_OUT_SPLITS and not (root / "splits").is_dir():
+        return None
+    return root / "splits" / f"{split}.txt"
+
+
 def read_folder(root: Path, split: str, background: bool, val_fraction: float = 0.1) -> SegDataset:
     root = Path(root)
     if not (root / "images").is_dir():
@@ -46,25 +55,26 @@ def read_folder(root: Path, split: str, background: bool, val_fraction: float = 
     if not (root / "labels.csv").exists():
         raise DataError(f"{root / 'labels.csv'}: not found (header 'image,labels', labels space-separated)")
     labels = read_labels_csv(root / "labels.csv", classes)
-    split_file = root / "splits" / f"{split}.txt"
-    if split_file.exists():
-        ids = read_split(split_file)
-    elif (root / "splits").is_dir():
-        raise DataError(f"{split_file}: split file not found")
-    elif split not in HELD_OUT_SPLITS:
-        raise DataError(f"{split_file}: split file not found (without splits/, the splits are 'train', 'val' "
-                        f"(data.val_fraction of the images) and 'all')")
-    else:
+    listed = split_file(root, split)
+    if listed is None:  # no splits/: the split is held out by a hash of the ids
         ids = list(labels)
         val = held_out([i for i in ids if labels[i]], val_fraction)
         if split == "val" and not val:
-            raise DataError(f"{split_file}: split file not found, and data.val_fraction is {val_fraction:g}: no "
-                            f"images are held out; raise data.val_fraction or set data.val_split: \"\"")
+            raise DataError(f"{root / 'splits' / 'val.txt'}: split file not found, and data.val_fraction is "
+                            f"{val_fraction:g}: no images are held out; raise data.val_fraction or set "
+                            "data.val_split: \"\"")
         if split == "val":
             log.info("%s: no splits/, %d of %d images held out for validation (data.val_fraction %g): %s", root,
                      len(val), len(ids), val_fraction, ", ".join(sorted(val)))
         if split != "all":
             ids = [i for i in ids if (i in val) == (split == "val")]
+    elif listed.exists():
+        ids = read_split(listed)
+    elif (root / "splits").is_dir():
+        raise DataError(f"{listed}: split file not found")
+    else:
+        raise DataError(f"{listed}: split file not found (without splits/, the splits are 'train', 'val' "
+                        f"(data.val_fraction of the images) and 'all')")
     images = {i: find_image(root / "images", i) for i in ids}
     masks = {i: root / "masks" / f"{i}.png" for i in ids if (root / "masks" / f"{i}.png").exists()}
     return build_samples(root, classes, background, ids, images, labels, masks, source=root / "labels.csv")

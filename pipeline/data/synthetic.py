@@ -49,6 +49,7 @@ SYNTHETIC_CLASSES: list[str] = ["disc", "square", "triangle", "star", "ring", "c
 FORMAT_VERSION = 1                 # bump when the rendering changes, so old datasets are regenerated
 MIN_SIZE = 32                      # smallest image side accepted by generate()
 MIN_VISIBLE = 0.03                 # objects showing less than this fraction of the image are dropped
+SPLITS = ("train", "val")          # the split files written: the first n_train images, then the n_val others
 AREA_RANGE = (0.045, 0.18)         # unoccluded object area, as a fraction of the image
 COUNT_PROBS = (0.35, 0.40, 0.25)   # probability of 1, 2, 3 objects
 SAME_CLASS_PROB = 0.08             # chance that an extra object may repeat a class already in the image
@@ -438,8 +439,8 @@ def _write(folder: Path, params: dict) -> None:
         pm.save(mask_dir / f"{sid}.png", format="PNG", compress_level=9)
         present = [params["classes"][k - 1] for k in np.unique(mask) if k > 0]
         rows.append(f"{sid},{' '.join(present)}")
-    (sets_dir / "Segmentation" / "train.txt").write_text("".join(f"{s}\n" for s in ids[:n_train]), "utf-8")
-    (sets_dir / "Segmentation" / "val.txt").write_text("".join(f"{s}\n" for s in ids[n_train:]), "utf-8")
+    for split, part in zip(SPLITS, (ids[:n_train], ids[n_train:]), strict=True):
+        (sets_dir / "Segmentation" / f"{split}.txt").write_text("".join(f"{s}\n" for s in part), "utf-8")
     (folder / "classes.txt").write_text("".join(f"{c}\n" for c in params["classes"]), "utf-8")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n", "utf-8")
     (folder / ".complete").write_text(json.dumps(params, indent=2) + "\n", "utf-8")   # last

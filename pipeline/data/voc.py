@@ -27,12 +27,17 @@ VOC_CLASSES = [
 ]
 
 
+def split_file(root: Path, split: str) -> Path:
+    """The file that lists the image ids of ``split``."""
+    return Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
 def read_voc(root: Path, split: str, background: bool) -> SegDataset:
     root = Path(root)
     if not (root / "JPEGImages").is_dir():
         raise DataError(f"{root / 'JPEGImages'}: folder not found (expected a PASCAL VOC layout dataset)")
     classes = read_classes(root / "classes.txt") if (root / "classes.txt").exists() else list(VOC_CLASSES)
-    ids = read_split(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    ids = read_split(split_file(root, split))
     mask_dir = root / "SegmentationClass"
     masks = {i: mask_dir / f"{i}.png" for i in ids if (mask_dir / f"{i}.png").exists()}
     if (root / "labels.csv").exists():

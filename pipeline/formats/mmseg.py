@@ -2,17 +2,20 @@
 ``dataset.py``, a dataset config (mmseg 1.x, ``BaseSegDataset``, as its ``configs/_base_/datasets/`` files) that
 reads them as they are.
 
-The annotation PNGs are the label maps unchanged: one index per pixel in the dataset's label space (with a
-background class it is class 0, as in mmseg's PASCAL VOC config), 255 = ignore, which is mmseg's default
+The annotation PNGs hold the label maps' values unchanged: one index per pixel in the dataset's label space (with
+a background class it is class 0, as in mmseg's PASCAL VOC config), 255 = ignore, which is mmseg's default
 ``ignore_index``. So ``reduce_zero_label`` is False: index 0 is a class (background, or the first class of a
-dataset without one), never "unlabelled".
+dataset without one), never "unlabelled". They are 8-bit gray PNGs, not the palette PNGs of ``pseudo_masks/``:
+mmseg's ``LoadAnnotations`` decodes with either of mmcv's backends (``imdecode_backend``: pillow, its default, or
+cv2), and OpenCV turns a palette PNG into its colours where a gray one stays the indices.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from pipeline.formats._registry import ExportSource, place_image, register_format
 from pipeline.runfolder import voc_palette, write_text
@@ -55,8 +58,8 @@ def dataset_snippet(root: Path, source: ExportSource) -> str:
 @register_format("mmseg")
 def write_mmseg(source: ExportSource, out_dir: Path, final_dir: Path) -> dict[str, Any]:
     (out_dir / "ann_dir" / "train").mkdir(parents=True, exist_ok=True)
-    for item in source.each("mmseg"):
+    for item, label in source.labels("mmseg"):
         place_image(item.image, out_dir / "img_dir" / "train" / f"{item.id}.jpg", source.images)
-        shutil.copyfile(item.label, out_dir / "ann_dir" / "train" / f"{item.id}.png")
+        Image.fromarray(label).save(out_dir / "ann_dir" / "train" / f"{item.id}.png", format="PNG")
     write_text(out_dir / SNIPPET, dataset_snippet(final_dir, source))
     return {"images": len(source.items)}

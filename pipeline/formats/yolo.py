@@ -4,7 +4,10 @@
 Each line of a label file is one 8-connected component of one object class: ``<class> x1 y1 x2 y2 ...``, the
 class 0-based among the object classes (a background label is no class: YOLO reads unlabelled pixels as
 background) and the outer contour's vertices (OpenCV's ``findContours``, straight runs reduced to their ends) as
-pixel centres divided by the image's width and height. Two rules of the format shape what is kept:
+pixel centres divided by the image's width and height (Ultralytics scales a point back by the image size and
+truncates it to an integer for ``cv2.fillPoly``, which gives back the contour's pixel, so it rasterises the
+component's pixels). Without a background class every label is a class, and the one that fills the rest of an image
+is one large polygon under the others. Two rules of the format shape what is kept:
 - a polygon has no holes, so a component with holes (a ring) is written as its outer outline, holes filled;
 - a polygon needs 3 points and an area, so a component whose outline encloses none (a single pixel, a line one
   pixel wide) is dropped, and a component of a few pixels loses up to half a pixel along its outline.
