@@ -65,6 +65,8 @@ NEEDS: tuple[Need, ...] = (
          lambda c: _sam(c) and not _lite_medsam(c), REFINING, "segment_anything", SAM_EXTRA),
     Need("maps.executor", "ray", lambda c: c.maps.executor == "ray", ("make_maps", "decouple"), "ray", RAY_EXTRA),
     Need("refine.executor", "ray", lambda c: c.refine.executor == "ray", REFINING, "ray", RAY_EXTRA),
+    Need("saliency.enabled", "the salient-object prior", lambda c: c.saliency.enabled, ("saliency",), "onnx",
+         "install the saliency extra: pip install -e '.[saliency]' (or set saliency.enabled: false)"),
 )
 
 SPLIT_KEYS = ("data.train_split", "data.val_split", "maps.split")  # every key that names a split of the dataset

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,11 +54,6 @@ STD = (0.229, 0.224, 0.225)
 FOLDER = "saliency"  # <run>/saliency/<id>.png
 
 _MODELS: dict[tuple[str, str], U2NetP] = {}
-
-
-def missing_packages() -> list[str]:
-    """The modules the saliency prior needs that this environment lacks (empty when it has them all)."""
-    return [m for m in ("onnx",) if importlib.util.find_spec(m) is None]
 
 
 def packaged_weights() -> Path:
@@ -98,10 +92,6 @@ def check_sha256(path: Path, expected: str = WEIGHTS_SHA256) -> None:
 def load_model(weights: str, device: torch.device | str = "cpu") -> U2NetP:
     """U²-Net-p with the weights of ``saliency.weights`` (the packaged file checked against its sha256), in eval
     mode on ``device``; loaded once per process."""
-    missing = missing_packages()
-    if missing:
-        raise ConfigError(f"config key 'saliency.enabled': the salient-object prior needs {', '.join(missing)}; "
-                          f"{INSTALL}")
     key = (weights, str(device))
     if key not in _MODELS:
         path = weights_path(weights)

@@ -27,6 +27,7 @@ ASKS = {
                                                     "refine": {"sam": {"checkpoint": "/x/sam_vit_b.pth"}}},
     ("maps.executor", "ray"): {"maps": {"executor": "ray"}},
     ("refine.executor", "ray"): {"refine": {"executor": "ray"}},
+    ("saliency.enabled", "onnx"): {"saliency": {"enabled": True}},
 }
 NOTHING_OPTIONAL = {"affinity": {"enabled": False}}  # the recipe's affinity stage refines with sam
 

