@@ -46,6 +46,7 @@ from pipeline.refine import DECOUPLED, SUFFIX, label_sets, round_two_sets
 from pipeline.refine.affinity import collect, load_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import save_torch, write_json
+from pipeline.saliency import run_prior
 from pipeline.train import train_classifier
 
 log = logging.getLogger(__name__)
@@ -247,9 +248,10 @@ def run_round(cfg: Config, device: torch.device, tag: str) -> dict[str, Any]:
         walked = run_dir / "maps" / (method + DECOUPLED + SUFFIX)
         walk_maps(load_head(run_dir / "affinity.pt", feats, a, device), feats, mapped, maps_dir, walked, a, device)
         maps_dir, refiners = walked, a.refiners
+    prior = run_prior(run_dir, names) if cfg.saliency.enabled else None
     for name, out in zip(refiners, round_two_sets(cfg), strict=True):
         refine_split(name, mapped, maps_dir, run_dir / "refined" / out, cfg.refine, ray=cfg.ray,
-                     cache_dir=run_dir / "cache", device=cfg.device)
+                     cache_dir=run_dir / "cache", device=cfg.device, prior=prior)
     resume.unlink(missing_ok=True)
     return {"classes": [names[a] for a in context], "cut_outs": len(cuts),
             "val_map": history[-1].get("val_map") if history else None}

@@ -27,7 +27,9 @@ import hashlib
 import importlib.metadata
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,8 +40,9 @@ from pipeline.config import Config
 from pipeline.data import SegDataset, load_dataset, maps_dataset, read_image
 from pipeline.device import autocast
 from pipeline.errors import ConfigError, DataError
+from pipeline.maps.io import load_maps
 from pipeline.models.u2netp import U2NetP, load_onnx_weights
-from pipeline.runfolder import atomic_write_bytes, files_fingerprint
+from pipeline.runfolder import atomic_write_bytes, files_fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +175,146 @@ def read_map(run_dir: Path, image_id: str, shape: tuple[int, int] | None = None)
     if shape is not None and m.shape != tuple(shape):
         raise DataError(f"{path}: {m.shape[1]}x{m.shape[0]}, expected the image's {shape[1]}x{shape[0]}")
     return m.astype(np.float32) / 255.0
+
+
+# ------------------------------------------------------------------------------------------- things and stuff
+
+THING, STUFF, EITHER = 1, -1, 0  # a class's reading: its maps lie in the salient region, outside it, or neither
+KIND_NAMES = {THING: "thing", STUFF: "stuff", EITHER: "either"}
+THINGS_FILE = "things.json"  # <run>/things.json: the run's reading of every class (ThingStuff.to_json)
+SALIENT = 0.5  # a pixel is salient where the map's probability is at least this
+# a class is read as a thing (stuff) when its map is the more (less) salient one in its pairings with the other
+# labelled classes of its images more often than chance allows: beyond Z binomial standard errors of a coin toss
+Z = 2.0
+MIN_PAIRS = 10  # fewer pairings than this: no reading (the class is left to its maps)
+
+
+def salient_share(maps: np.ndarray, sal: np.ndarray) -> np.ndarray:
+    """[K]: the share of each map's mass on salient pixels, sum(m * s) / sum(m)."""
+    mass = maps.reshape(len(maps), -1).sum(1)
+    return (maps * sal[None]).reshape(len(maps), -1).sum(1) / np.maximum(mass, 1e-12)
+
+
+@dataclass
+class ThingStuff:
+    """Which classes are things, from the data: in every image, each pair of labelled classes is compared by the
+    salient share of their maps; a class that wins its pairings more often than a coin would (``Z`` standard errors)
+    is a thing, one that loses them is stuff, and the rest (or a class with fewer than ``MIN_PAIRS``) neither."""
+
+    classes: list[str]
+    wins: np.ndarray  # [C] pairings won
+    pairs: np.ndarray  # [C] pairings
+
+    @property
+    def win_rate(self) -> np.ndarray:
+        return self.wins / np.maximum(self.pairs, 1)
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """[C] THING, STUFF or EITHER."""
+        margin = Z * 0.5 / np.sqrt(np.maximum(self.pairs, 1))
+        rate = self.win_rate
+        kinds = np.where(rate > 0.5 + margin, THING, np.where(rate < 0.5 - margin, STUFF, EITHER))
+        return np.where(self.pairs >= MIN_PAIRS, kinds, EITHER)
+
+    def add(self, maps: np.ndarray, classes: np.ndarray, sal: np.ndarray, background: bool) -> None:
+        """Count the pairings of one image's labelled classes (maps [K, H, W] of ``classes``). With a background
+        class, each class is also paired with the background, whose map is 1 - the maps' maximum: on a dataset of
+        objects on a background, that is the pairing that tells the things."""
+        share = salient_share(maps, sal)
+        if background:
+            share = np.append(share, salient_share(1 - maps.max(0, keepdims=True), sal))
+        for i, a in enumerate(classes):
+            others = np.delete(share, i)
+            self.wins[a] += int((share[i] > others).sum())
+            self.pairs[a] += len(others)
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {c: {"kind": KIND_NAMES[int(k)], "win_rate": round(float(r), 4), "pairs": int(n)}
+                for c, k, r, n in zip(self.classes, self.kinds, self.win_rate, self.pairs, strict=True)}
+
+
+def read_things(ds: SegDataset, maps_dir: Path, run_dir: Path) -> ThingStuff:
+    """The thing / stuff reading of the classes of ``ds`` from their maps in ``maps_dir`` and the run's salient-object
+    maps."""
+    reading = ThingStuff(list(ds.classes), np.zeros(ds.num_classes, np.int64), np.zeros(ds.num_classes, np.int64))
+    for s in tqdm(ds.samples, desc="things and stuff", leave=False):
+        maps, classes = load_maps(Path(maps_dir) / f"{s.id}.npz", ds.classes)
+        reading.add(maps, classes, read_map(run_dir, s.id, maps.shape[1:]), ds.background)
+    return reading
+
+
+def claimed(maps: np.ndarray, things: np.ndarray, sal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The salient components that the maps of ``things`` (a [K] bool of the rows that are things) claim: a thing
+    claims a component where its map is on average at least as strong as over the whole image. -> ([H, W] bool, the
+    union of the claimed components; [K] bool, the rows that claim one). A salient object that no labelled thing
+    claims (an unlabelled one) is left out, so that the prior never hands it to a class."""
+    region = (sal >= SALIENT).astype(np.uint8)
+    union, claims = np.zeros(sal.shape, bool), np.zeros(len(maps), bool)
+    if not things.any() or not region.any():
+        return union, claims
+    n, comp = cv2.connectedComponents(region, connectivity=8)
+    rows = np.flatnonzero(things)
+    means = maps[rows].reshape(len(rows), -1).mean(1)
+    for k in range(1, n):
+        inside = comp == k
+        by = maps[rows][:, inside].mean(1) >= means
+        if by.any():
+            union |= inside
+            claims[rows[by]] = True
+    return union, claims
+
+
+def salient_prior(maps: np.ndarray, classes: np.ndarray, sal: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """The maps [K, H, W] of one image's ``classes`` with the salient-object prior: on the salient components its
+    things claim, a thing's map is kept and a stuff class's is taken away; elsewhere the other way round. ``kinds``
+    is the run's reading of every class ([C], ``ThingStuff.kinds``). A class read as neither, and a thing that claims
+    no salient component (the salient-object model missed it), keep their maps. Each changed map is scaled back to
+    a peak of 1."""
+    k = kinds[classes]
+    union, claims = claimed(maps, k == THING, sal)
+    if not union.any():
+        return maps
+    s = union * sal
+    out = maps.copy()
+    for i in np.flatnonzero(((k == THING) & claims) | (k == STUFF)):
+        m = maps[i] * (s if k[i] == THING else 1 - s)
+        peak = m.max()
+        if peak > 0:
+            out[i] = m / peak
+    return out
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The salient-object prior of a run, as the refiners' runner applies it to each image's maps: the run's
+    salient-object maps and its reading of every class."""
+
+    run_dir: Path
+    kinds: tuple[int, ...]  # [C] THING, STUFF or EITHER
+
+    def apply(self, maps: np.ndarray, classes: np.ndarray, image_id: str) -> np.ndarray:
+        return salient_prior(maps, classes, read_map(self.run_dir, image_id, maps.shape[1:]), np.array(self.kinds))
+
+
+def read_prior(ds: SegDataset, maps_dir: Path, run_dir: Path) -> Prior:
+    """The run's prior: its reading of things and stuff from the maps of ``maps_dir`` (``read_things``), written to
+    ``<run>/things.json`` and logged."""
+    reading = read_things(ds, maps_dir, run_dir)
+    write_json(Path(run_dir) / THINGS_FILE, reading.to_json())
+    kinds = reading.kinds
+    log.info("saliency: things %s; stuff %s", *(", ".join(c for c, k in zip(ds.classes, kinds, strict=True)
+                                                          if k == kind) or "none" for kind in (THING, STUFF)))
+    return Prior(Path(run_dir), tuple(int(k) for k in kinds))
+
+
+def run_prior(run_dir: Path, classes: Sequence[str]) -> Prior:
+    """The prior of a run whose refine stage read its things and stuff (``things.json``)."""
+    path = Path(run_dir) / THINGS_FILE
+    if not path.exists():
+        raise DataError(f"{path}: not found (the refine stage writes it when saliency.enabled; rerun refine)")
+    things = read_json(path)
+    if list(things) != list(classes):
+        raise DataError(f"{path}: made for other classes; rerun refine with --force")
+    by_name = {v: k for k, v in KIND_NAMES.items()}
+    return Prior(Path(run_dir), tuple(by_name[things[c]["kind"]] for c in classes))

@@ -1,5 +1,6 @@
 """Stage 3b (``affinity.enabled``): AffinityNet on the refined labels, then a random walk of ``refine.method``'s
-maps -> maps/<method>_rw/, refined again by ``affinity.refiners`` -> refined/<refiner>_rw/, affinity.pt.
+maps -> maps/<method>_rw/, refined again by ``affinity.refiners`` (through the salient-object prior that the refine
+stage read, with ``saliency.enabled``) -> refined/<refiner>_rw/, affinity.pt.
 It takes minutes, so an interrupted run starts over rather than resuming."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pipeline.refine import SUFFIX, get_refiner, walked_maps
 from pipeline.refine.affinity import collect, train_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint
+from pipeline.saliency import run_prior
 from stages.common import log
 
 
@@ -36,7 +38,8 @@ def run(cfg: Config, force: bool = False) -> None:
     head, losses = train_head(items, a, device, cfg.seed)
     save_torch(run_dir / "affinity.pt", {"state_dict": head.state_dict(), "losses": losses})
     walk_maps(head, items, ds, run_dir / "maps" / cfg.refine.method, walked, a, device)
+    prior = run_prior(run_dir, ds.classes) if cfg.saliency.enabled else None
     for name in a.refiners:
         refine_split(name, ds, walked, run_dir / "refined" / (name + SUFFIX), cfg.refine, ray=cfg.ray,
-                     cache_dir=run_dir / "cache", device=cfg.device)
+                     cache_dir=run_dir / "cache", device=cfg.device, prior=prior)
     stage.finish(images=len(ds), losses=[round(x, 4) for x in losses])

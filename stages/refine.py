@@ -1,4 +1,6 @@
 """Stage 3: refine the maps of ``refine.method`` with every configured refiner -> refined/<refiner>/.
+With ``saliency.enabled`` it first reads which classes are things and which stuff from those maps against the
+salient-object maps (things.json), and every refiner takes the maps through that prior.
 ``refine.executor: ray``: on Ray tasks. Under torchrun, rank 0 alone runs it."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pipeline.executors import executor_session
 from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
+from pipeline.saliency import read_prior
 from stages.common import log
 
 
@@ -19,7 +22,8 @@ def run(cfg: Config, force: bool = False) -> None:
         return  # one process refines (refine.executor: ray spreads the images over machines)
     for name in r.refiners:
         get_refiner(name)
-    fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"))
+    salient = [stage_fingerprint(run_dir, "saliency")] if cfg.saliency.enabled else []
+    fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"), *salient)
     stage = Stage(run_dir, "refine", fp)
     if stage.is_done() and not force:
         log.info("refine: up to date, skipped")
@@ -27,9 +31,12 @@ def run(cfg: Config, force: bool = False) -> None:
     with executor_session(r.executor, cfg.ray, "refine.executor"):  # one Ray session for every refiner
         resuming = stage.begin(outputs=[run_dir / "refined" / name for name in r.refiners], fresh=force)
         ds = maps_dataset(cfg)
+        # which classes are things, read from the maps against the salient objects (things.json)
+        prior = read_prior(ds, run_dir / "maps" / r.method, run_dir) if cfg.saliency.enabled else None
         log.info("refine: %s on %s maps, %d images, %s", ", ".join(r.refiners), r.method, len(ds),
                  "Ray tasks" if r.executor == "ray" else f"{resolve_workers(r.workers)} workers")
         for name in r.refiners:
             refine_split(name, ds, run_dir / "maps" / r.method, run_dir / "refined" / name, r,
-                         skip_existing=resuming, ray=cfg.ray, cache_dir=run_dir / "cache", device=cfg.device)
+                         skip_existing=resuming, ray=cfg.ray, cache_dir=run_dir / "cache", device=cfg.device,
+                         prior=prior)
     stage.finish(images=len(ds))

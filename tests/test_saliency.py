@@ -118,3 +118,78 @@ def test_the_stage_maps_every_image_once_skips_when_done_and_resumes(tmp_path, m
     assert seen == []  # up to date: skipped
     with pytest.raises(DataError, match="expected the image's"):
         saliency.read_map(run, "im0", (10, 10))
+
+
+# ------------------------------------------------------------------------------------------- things and stuff
+
+def _scene(h: int = 60, w: int = 80, distractor: bool = False):
+    """A boat-like thing (rows 20-40, cols 10-35) on water (everything else); its map spreads over the water, as a
+    CAM of a class bound to its context does, with its peak on the thing. With ``distractor``, an unlabelled
+    salient square (rows 10-30, cols 55-75) on the water. -> (maps [2, H, W] of thing, water; salient map; GT)."""
+    gt = np.ones((h, w), np.uint8)  # 1 = water
+    gt[20:40, 10:35] = 0  # 0 = the thing
+    yy, xx = np.mgrid[:h, :w]
+    thing = np.exp(-(((yy - 30) / 40.0) ** 2 + ((xx - 22) / 60.0) ** 2))  # broad: leaks far over the water
+    water = np.full((h, w), 0.7)
+    water[20:40, 10:35] = 0.5  # the water's map is weaker on the thing, but still there
+    sal = np.zeros((h, w), np.float32)
+    sal[20:40, 10:35] = 0.95
+    if distractor:
+        sal[10:30, 55:75] = 0.95
+        gt[10:30, 55:75] = 255  # no labelled class
+    return np.stack([thing / thing.max(), water]).astype(np.float32), sal, gt
+
+
+def test_the_reading_tells_things_from_stuff_by_pairings():
+    reading = saliency.ThingStuff(["boat", "water", "cow"], np.zeros(3, np.int64), np.zeros(3, np.int64))
+    maps, sal, _ = _scene()
+    for _ in range(12):
+        reading.add(maps, np.array([0, 1]), sal, background=False)
+    assert reading.win_rate.tolist() == [1.0, 0.0, 0.0]
+    assert reading.kinds.tolist() == [saliency.THING, saliency.STUFF, saliency.EITHER]  # cow: never paired
+    assert reading.to_json()["boat"] == {"kind": "thing", "win_rate": 1.0, "pairs": 12}
+    # a coin toss is no reading: 7 wins in 12 is within Z standard errors of 0.5 (0.5 + 2 * 0.5 / sqrt(12) = 0.79)
+    coin = saliency.ThingStuff(["a", "b"], np.array([7, 5]), np.array([12, 12]))
+    assert coin.kinds.tolist() == [saliency.EITHER, saliency.EITHER]
+    # too few pairings: no reading either
+    few = saliency.ThingStuff(["a", "b"], np.array([9, 0]), np.array([9, 9]))
+    assert few.kinds.tolist() == [saliency.EITHER, saliency.EITHER]
+
+
+def test_with_a_background_class_the_objects_are_things_against_it():
+    maps, sal, _ = _scene()
+    reading = saliency.ThingStuff(["boat"], np.zeros(1, np.int64), np.zeros(1, np.int64))
+    for _ in range(10):
+        reading.add(maps[:1], np.array([0]), sal, background=True)  # the only labelled class, against background
+    assert reading.kinds.tolist() == [saliency.THING]
+
+
+def test_the_prior_gives_the_thing_its_salient_object_and_the_context_the_rest():
+    maps, sal, gt = _scene()
+    kinds = np.array([saliency.THING, saliency.STUFF])
+    before = maps.argmax(0)
+    assert (before[gt == 1] == 0).mean() > 0.3  # without it, the thing's map takes much of the water
+    after = saliency.salient_prior(maps, np.array([0, 1]), sal, kinds).argmax(0)
+    assert (after == gt).all()
+
+
+def test_an_unlabelled_salient_object_is_taken_by_no_class_it_was_not_already_given():
+    """A salient square no label names: the prior must not pull the thing onto it. Without a background class the
+    square keeps the map's own answer (the water's); with one, the thing's map there stays as it was."""
+    maps, sal, gt = _scene(distractor=True)
+    square = np.zeros(gt.shape, bool)
+    square[10:30, 55:75] = True
+    kinds = np.array([saliency.THING, saliency.STUFF])
+    union, claims = saliency.claimed(maps, kinds == saliency.THING, sal)
+    assert claims.tolist() == [True, False] and not union[square].any()  # the thing claims its own object only
+    out = saliency.salient_prior(maps, np.array([0, 1]), sal, kinds)
+    assert (out.argmax(0)[square] == 1).all()  # the water's, as without the prior
+    assert (out.argmax(0)[gt == 0] == 0).all()
+    assert out[0][square].max() <= maps[0][square].max()  # the thing's map is nowhere raised on the square
+
+
+def test_a_thing_the_salient_model_missed_keeps_its_map():
+    maps, _, _ = _scene()
+    out = saliency.salient_prior(maps, np.array([0, 1]), np.zeros(maps.shape[1:], np.float32),
+                                 np.array([saliency.THING, saliency.STUFF]))
+    assert np.array_equal(out, maps)

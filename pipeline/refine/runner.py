@@ -19,6 +19,7 @@ from pipeline.errors import DataError
 from pipeline.maps.io import load_maps
 from pipeline.refine import get_refiner
 from pipeline.runfolder import save_label_png
+from pipeline.saliency import Prior
 from pipeline.workers import run_pool
 
 
@@ -39,12 +40,15 @@ class _Job:
     background: bool
     cfg: RefineConfig
     cache: Path | None = None  # <run>/cache/<refiner>/<id>, for refiners registered with cache=True
+    prior: Prior | None = None  # the run's salient-object prior (saliency.enabled), applied to the maps first
 
 
 def refine_label(job: _Job) -> np.ndarray:
     """The label map of one image (uint8, checked to hold only the image's classes, background and 255)."""
     refiner = get_refiner(job.refiner)
     maps, classes = load_maps(job.map_path, list(job.class_names))
+    if job.prior is not None:
+        maps = job.prior.apply(maps, classes, job.map_path.stem)
     image = read_image(job.image_path) if refiner.needs_image else None
     try:
         extra = ({"cache": job.cache} if refiner.cache else {}) | (
@@ -66,14 +70,15 @@ def _run_one(job: _Job) -> str:
 
 def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cfg: RefineConfig,
                  skip_existing: bool = False, ray: RayConfig | None = None, cache_dir: Path | None = None,
-                 device: str = "auto") -> int:
+                 device: str = "auto", prior: Prior | None = None) -> int:
     """Refine every image of ``ds`` (on Ray as ``ray`` says when ``cfg.executor`` is ray); returns the
     number of images processed now. ``cache_dir``: the run's cache folder, for refiners that keep a per-image
-    cache (``<cache_dir>/<refiner>/<id>``); ``device``: where such a refiner's ``prepare`` pass runs."""
+    cache (``<cache_dir>/<refiner>/<id>``); ``device``: where such a refiner's ``prepare`` pass runs; ``prior``:
+    the run's salient-object prior, which every image's maps go through before the refiner."""
     spec = get_refiner(refiner)  # fails early on a bad name
     base = spec.cache and cache_dir is not None
     jobs = [_Job(refiner, maps_dir / f"{s.id}.npz", s.image_path, out_dir / f"{s.id}.png", tuple(ds.classes),
-                 ds.background, cfg, cache_dir / refiner / s.id if base else None)
+                 ds.background, cfg, cache_dir / refiner / s.id if base else None, prior)
             for s in ds.samples]
     if skip_existing:
         jobs = [j for j in jobs if not j.out_path.exists()]
