@@ -31,6 +31,9 @@ from pipeline.report.html import (
     table,
 )
 from pipeline.runfolder import read_json, stage_seconds
+from pipeline.saliency import FOLDER as SALIENCY_FOLDER
+from pipeline.saliency import THINGS_FILE
+from pipeline.saliency import read_map as read_saliency
 from pipeline.stage_names import done_markers
 
 # In pipeline order; other stages (added later) follow in the order of their done markers.
@@ -128,6 +131,7 @@ class ReportBuilder:
                 f"The decoupled second round (stage <code>decouple</code>) pasted these classes' cut-outs from "
                 f"<code>{e(decoupled.get('source'))}</code> onto images without their context; its label sets end in "
                 f"<code>_dc</code>.")
+        out += self.things()
         classes = list(stats.get("classes") or {})
         if classes:
             conditional = [[stats["conditional"][a][b] for b in classes] for a in classes]
@@ -135,6 +139,22 @@ class ReportBuilder:
                           f"P(b | a) over the {stats.get('images')} training images: row a, column b. A row with "
                           "a bright cell off the diagonal is a class that is rarely seen without that column's class.")
         return out
+
+    def things(self) -> str:
+        """The thing / stuff reading of the salient-object prior (things.json), when the run has one."""
+        things = _json(self.run / THINGS_FILE)
+        if not isinstance(things, dict):
+            return ""
+        order = {"thing": 0, "either": 1, "stuff": 2}
+        rows = [[key(c), f"<td>{e(v['kind'])}</td>", num(v["win_rate"], 2), num(v["pairs"], 0)]
+                for c, v in sorted(things.items(), key=lambda cv: (order[cv[1]["kind"]], -cv[1]["win_rate"]))]
+        return table(["class", "reading", "pairings won", "pairings"], rows) + note(
+            "Things and stuff, read from this run's maps and the salient-object maps (<code>saliency.enabled</code>, "
+            "<code>things.json</code>): in every image, each pair of labelled classes is compared by how much of each "
+            "one's map lies on salient pixels. A class that wins its pairings more often than chance is a thing: on "
+            "the salient objects its things claim, a thing keeps its map and a stuff class loses it before any "
+            "refiner runs. A class read as <i>either</i> keeps its map. Results with this prior are "
+            "saliency-supervised: the salient-object model was trained with pixel labels on another dataset.")
 
     # ------------------------------------------------------------------------------------ classifier
     def classifier(self) -> str:
@@ -287,7 +307,9 @@ class ReportBuilder:
         if not chosen:
             return note("No images.")
         has_gt = any(s.mask_path for s in chosen)
-        header = ["image", *(f"map: {m}" for m in methods), *(f"mask: {r}" for r in refiners),
+        salient = (self.run / SALIENCY_FOLDER).is_dir()
+        header = ["image", *(["salient objects"] if salient else []), *(f"map: {m}" for m in methods),
+                  *(f"mask: {r}" for r in refiners),
                   *(["GT"] if has_gt else [])]
         width = max(64, min(opts.thumb, 1300 // len(header) - 6))
         rows = []
@@ -298,6 +320,12 @@ class ReportBuilder:
             gt = read_mask(s.mask_path) if s.mask_path else None
             shown = self._shown_class(s, gt)
             tiles = [fg.jpeg_uri(small, opts.jpeg_quality)]
+            if salient:
+                try:
+                    sal = fg.resize(read_saliency(self.run, s.id, image.shape[:2]), size)
+                    tiles.append(fg.jpeg_uri(fg.heat_overlay(small, sal), opts.jpeg_quality))
+                except DataError:
+                    tiles.append(None)
             for m in methods:
                 try:
                     maps, classes = load_maps(self.run / "maps" / m / f"{s.id}.npz", ds.classes)
@@ -321,8 +349,9 @@ class ReportBuilder:
             cap = (f"<b>{e(s.id)}</b> · maps of <b>{e(ds.classes[shown])}</b> · labels: {legend}")
             rows.append((cap, cells))
         return grid(header, rows) + note(
-            f"{len(chosen)} images spread over the {len(ds)} with maps (<code>report.samples</code>). Maps: the named "
-            "class's map over the image (jet: blue 0 → red 1). Masks and GT: each class in its colour"
+            f"{len(chosen)} images spread over the {len(ds)} with maps (<code>report.samples</code>). "
+            + ("Salient objects: the salient-object map (saliency/) over the image. " if salient else "")
+            + "Maps: the named class's map over the image (jet: blue 0 → red 1). Masks and GT: each class in its colour"
             + (", background dimmed" if ds.background else "") + ", ignored pixels (255) whitened.")
 
     def _shown_class(self, s, gt: np.ndarray | None) -> int:
