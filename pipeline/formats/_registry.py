@@ -7,9 +7,6 @@ Every format is written from one :class:`ExportSource`: the images and label map
 255 = ignore) and its label names. A writer is ``fn(source, out_dir, final_dir) -> dict`` (what it wrote, for the
 log): it writes into ``out_dir``, a fresh folder that the caller renames to ``final_dir`` when the writer returns
 (the path that files naming their own folder, as a YOLO ``data.yaml``, must give).
-
-This module imports neither the config nor the datasets package, so ``pipeline.config.validate`` can check the
-names of ``export.formats`` here without a circle.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ from pipeline.errors import DataError, UserError
 from pipeline.registry import Registry
 
 IGNORE = 255  # the label maps' "uncertain / void" value (pipeline.data.dataset.IGNORE)
-VOC = "voc"  # pseudo_masks/: always written, the segmenter trains on it
 
 
 @dataclass(frozen=True)
