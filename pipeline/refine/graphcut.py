@@ -1,7 +1,7 @@
 """GraphCut refiner: GrabCut-style colour segmentation seeded by class maps, after Simonyan et al. 2014
 ("Deep Inside Convolutional Networks: Visualising Image Classification Models and Saliency Maps",
 section 3.1: foreground / background colour GMMs from the most / least salient pixels, then GraphCut).
-Works from any class map (CAM, saliency, ...). ``cv2`` is imported inside the functions.
+Works from any class map (CAM, saliency, ...).
 
 One cut per present class ``c`` with map ``m``; its initial mask:
 - ``GC_FGD`` (sure foreground seeds): ``m >= quantile(m, fg_quantile)``, ``m > 0``, and ``c`` is the
