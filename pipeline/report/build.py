@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.report.figures as fg
 from pipeline.data import read_image, read_mask, spread
 from pipeline.errors import DataError, UserError
 from pipeline.maps.io import load_maps
 from pipeline.refine import label_sets
-from pipeline.report import figures as fg
 from pipeline.report.confidence import confidence_section
 from pipeline.report.html import (
     cards,
