@@ -33,8 +33,10 @@ import torch
 import yaml
 from conftest import on_tiny
 
-from pipeline.distributed import DistContext, GlobalBatchSampler, epoch_permutation
+from pipeline.config import load_config
+from pipeline.distributed import DistContext, GlobalBatchSampler, check_torchrun_command, epoch_permutation
 from pipeline.errors import ConfigError
+from stages import make_maps, refine
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,10 +210,6 @@ def test_ddp_resumes_after_sigkill(base, ddp2):
 def test_distributed_other_stages_refused_or_rank_0_only(base, monkeypatch):
     """Under torchrun with 2 processes: a command other than one training stage is refused in one line
     (``check_torchrun_command``, for the CLI); make_maps and refine return at once on the ranks other than 0."""
-    from pipeline.config import load_config
-    from pipeline.distributed import check_torchrun_command
-    from stages import make_maps, refine
-
     check_torchrun_command(["make_maps", "refine"])  # no torchrun: anything goes
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

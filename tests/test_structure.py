@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import TRAINING_STAGES
+from pipeline.report.build import STAGE_ORDER
+from pipeline.stage_names import STAGE_NAMES, SUB_STAGES, done_markers
+from stages import STAGES
+from stages.evaluate import UPSTREAM
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -223,12 +229,6 @@ def test_imports_wait_for_a_function_only_when_they_are_heavy():
 
 
 def test_the_stage_names_are_written_once():
-    from pipeline.distributed import TRAINING_STAGES
-    from pipeline.report.build import STAGE_ORDER
-    from pipeline.stage_names import STAGE_NAMES, SUB_STAGES, done_markers
-    from stages import STAGES
-    from stages.evaluate import UPSTREAM
-
     assert tuple(STAGES) == STAGE_NAMES
     assert set(TRAINING_STAGES) <= set(STAGE_NAMES) and set(SUB_STAGES) <= set(STAGE_NAMES)
     assert all(subs[0] == stage for stage, subs in SUB_STAGES.items())  # a stage's own marker comes first
@@ -239,8 +239,6 @@ def test_the_stage_names_are_written_once():
 
 
 def test_make_passes_each_stage_to_the_cli_without_listing_them():
-    from pipeline.stage_names import STAGE_NAMES
-
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert not any(all(name in line for name in STAGE_NAMES) for line in makefile.splitlines())
     if shutil.which("make") is None:
