@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import write_rgb
 
 from pipeline.config import config_from_dict
@@ -115,6 +116,7 @@ def _map_leak(root, run, method: str, a: str, b: str) -> float:
     return float(np.mean(on_b) / np.mean(on_a))
 
 
+@pytest.mark.slow
 def test_the_decoupled_round_separates_a_bound_pair(tmp_path):
     """star is never shown without ring: the first round's star map is as strong on the rings as on the stars;
     the second round's must be measurably weaker on them. The recipe's pretrained backbone on a small set (a

@@ -130,6 +130,7 @@ def test_distributed_sampler_splits_each_global_batch():
     assert len(GlobalBatchSampler(17, 8, 0, 2, shuffle=False, drop_last=True)) == 2
 
 
+@pytest.mark.slow
 def test_distributed_building_blocks_match_one_process(base):
     out = base / "check.json"
     run(torchrun(2, str(REPO / "tests" / "ddp_check.py"), str(out)), base / "check.log")
@@ -143,6 +144,7 @@ def test_distributed_building_blocks_match_one_process(base):
     assert r["val"] < 1e-6 and r["val_map_diff"] == 0.0, r
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
     run_dir, log = ddp2
     ours, theirs = (json.loads((d / "train_log.json").read_text()) for d in (single, run_dir))
@@ -155,6 +157,7 @@ def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
                                                          "plots", "train_classifier.done.json", "train_log.json"]
 
 
+@pytest.mark.slow
 def test_ddp_one_process_is_the_plain_run(base, single):
     train(1, write_config(base, "ddp1"), base / "ddp1.log")
     ours, theirs = weights(single), weights(base / "ddp1")
@@ -181,6 +184,7 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_ddp_resumes_after_sigkill(base, ddp2):
     cfg, run_dir = write_config(base, "killed"), base / "killed"
     resume = run_dir / "classifier.resume.pt"
@@ -227,6 +231,7 @@ SEGMENTER = {"masks": "gt", "backbone": "smallcnn", "pretrained": "none", "chann
              "input_size": 32, "crop_size": 32, "epochs": 2, "batch_size": 16}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_the_single_process_segmenter(base):
     """The segmenter under torchrun (on the GT masks, so that no maps are needed): its loss is a mean over the
     labelled pixels, and the processes' shares are weighted by their pixel counts as one process would. The

@@ -297,6 +297,7 @@ def test_cache_second_call_does_not_encode(packaged, tmp_path, monkeypatch):
     assert ((first == 3) & disc).sum() / ((first == 3) | disc).sum() >= 0.9
 
 
+@pytest.mark.slow
 def test_refine_split_two_workers_with_prepare(tmp_path):
     root = tmp_path / "voc"
     classes = ["cow", "grass"]
@@ -366,6 +367,7 @@ def test_the_embedding_does_not_depend_on_the_callers_thread_count():
     assert out[1] == out[4]
 
 
+@pytest.mark.slow
 def test_sam_gives_the_same_bytes_with_one_and_two_workers(tmp_path):
     """The bench's check (bench/bench_refine.py: identical_2w), small: no embedding cache, so every image is encoded
     in the per-image work, in the main process with 1 worker and in pool workers with 2."""
