@@ -257,3 +257,4 @@ def test_make_passes_each_stage_to_the_cli_without_listing_them():
     for real in ("Makefile", "pyproject.toml"):  # files, not stages
         assert "stages.cli" not in dry_run(real)
     assert dry_run("stages").splitlines()[0].endswith("-m stages.cli all --config configs/default.yaml")
+    assert dry_run("test-fast").strip() == '.venv/bin/python -m pytest -m "not slow"'  # a target, not a stage
