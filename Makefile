@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WSSS := $(PY) -m stages.cli
 
-.PHONY: install stages test lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
+.PHONY: install stages test test-fast lint bench clean train_classifier_ddp train_segmenter_ddp bench_executors
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ Makefile pyproject.toml: ;
 
 test: install
 	$(PY) -m pytest
+
+# The tests but those marked slow (pyproject.toml's markers: a run of the whole pipeline or of a long part of it).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # Refinement images/s (bench/refine.json), then the map methods against their peer libraries
 # (bench/results.json); e.g. BENCH_MAPS_ARGS='--threads 1' on a CPU that other jobs share.

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from pipeline.data import IGNORE, SegDataset, read_mask
 from pipeline.errors import DataError
+from pipeline.maps.io import load_maps
 from pipeline.runfolder import read_json
 
 SIGNALS = ("agreement", "margin", "certain")  # per image; per class: agreement, margin
@@ -120,8 +121,6 @@ def run_confidence(ds: SegDataset, refined_dir: Path, exported: str, others: lis
     against ``refined_dir/<other>`` for each of ``others``, the margin from the maps in ``maps_dir`` (the maps the
     exported set refines). An image whose map file is missing gets margin 0; one without an exported mask, no
     entry."""
-    from pipeline.maps.io import load_maps  # pipeline.maps imports torch (its methods)
-
     out = {}
     for s in tqdm(ds.samples, desc="confidence", leave=False):
         path = refined_dir / exported / f"{s.id}.png"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.format_names import FORMAT_NAMES
 from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
 
 
@@ -646,10 +647,8 @@ def _known_refiner(name: str, key: str) -> None:
 
 
 def _check_formats(formats: list[str]) -> None:
-    """Every name of ``export.formats`` is a format (``pipeline.formats``); else the closest one is named."""
-    from pipeline.formats import format_names  # here: the writers load only when a config is checked
-
-    names = format_names()
+    """Every name of ``export.formats`` is a format (``pipeline/format_names.py``); else the closest one is named."""
+    names = list(FORMAT_NAMES)
     for name in formats:
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)

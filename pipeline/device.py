@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import random
 
+import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
@@ -24,10 +26,6 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -21,7 +21,10 @@ from pipeline.data import SegDataset, read_mask
 from pipeline.data.dataset import Sample
 from pipeline.maps.io import load_maps
 from pipeline.metrics import ConfusionMatrix
+from pipeline.models.segmenter import load_segmenter
 from pipeline.refine.threshold import threshold_labels
+from pipeline.runfolder import save_figure
+from pipeline.segmenter.predict import Predictor, score_segmenter
 
 
 def gt_masks(ds: SegDataset) -> dict[str, np.ndarray]:
@@ -98,9 +101,6 @@ def evaluate_segmenters(run_dir: Path, val: SegDataset, device, flip: bool, crf:
     split's GT: ``miou``, ``upper_bound_miou`` and ``ratio`` (their quotient), then the same with the CRF
     post-processing (``crf_*``) when ``crf`` is given; the full scores of each under ``models.<checkpoint name>``.
     Predictions average the mirror image with ``flip`` and the ``scales`` (multi-scale testing)."""
-    from pipeline.models.segmenter import load_segmenter
-    from pipeline.segmenter.predict import Predictor, score_segmenter
-
     scores: dict[str, dict[str, Any]] = {}
     for name in ("segmenter", "segmenter_gt") if upper_bound else ("segmenter",):
         path = Path(run_dir) / f"{name}.pt"
@@ -127,8 +127,6 @@ def plot_sweep(result: dict[str, Any], method: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.runfolder import save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(result["sweep"]["threshold"], result["sweep"]["miou"], marker="o", ms=3)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pipeline
 from pipeline.config import RayConfig
 from pipeline.errors import ConfigError, UserError, first_line
 
@@ -81,8 +82,6 @@ def ray_session(rc: RayConfig, key: str) -> Iterator[Any]:
     if rc.address is None:
         kwargs.update(num_cpus=rc.num_cpus, include_dashboard=False)
     if rc.ship_code:
-        import pipeline
-
         kwargs["runtime_env"] = {"py_modules": [str(Path(pipeline.__file__).parent)]}  # uploaded to the cluster
     where = rc.address or "a new local instance"
     if rc.address is not None:

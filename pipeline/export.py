@@ -22,16 +22,22 @@ refiner on the affinity stage's walked maps (``<refiner>_rw``) before any on the
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from pipeline.confidence import corrected, summarise
 from pipeline.data import IGNORE, SegDataset, read_image, read_mask
 from pipeline.data.dataset import EXIF_ORIENTATION
 from pipeline.errors import ConfigError, DataError
+from pipeline.formats import FORMATS, VOC, voc_source
 from pipeline.formats._registry import place_image
 from pipeline.refine import DECOUPLED, SUFFIX
 from pipeline.runfolder import atomic_dir, read_json, write_json, write_text
@@ -72,8 +78,6 @@ def export_pseudo_masks(ds: SegDataset, refined_dir: Path, out_dir: Path, images
     image id -> its confidence entry (``pipeline.confidence.image_confidence``), written into the manifest with
     ``confidence`` over the run (``summarise``); ``corrections``: a folder of masks a person corrected
     (``<id>.png``, ``wsss import-masks``), exported instead of the refined ones and marked ``corrected``."""
-    from pipeline.confidence import corrected, summarise
-
     names = ds.label_names
     manifest: dict[str, Any] = {"classes": ds.classes, "background": ds.background, **(provenance or {}),
                                 "skipped_without_labels": len(ds.skipped), "images": {}}
@@ -119,8 +123,6 @@ def _refined(path: Path) -> np.ndarray:
 def _linkable(src: Path) -> tuple[bool, tuple[int, int]]:
     """Whether ``src`` can be linked as a VOC image as it is (a baseline-readable RGB or gray JPEG without an EXIF
     rotation), and its size (height, width) as stored."""
-    from PIL import Image
-
     try:
         with Image.open(src) as im:
             rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
@@ -135,8 +137,6 @@ def _place_image(src: Path, dst: Path, shape: tuple[int, int], images: str) -> N
     written as a JPEG from the pixels the pipeline read."""
     linkable, size = _linkable(src)
     if not linkable:
-        from PIL import Image
-
         rgb = read_image(src)
         size = rgb.shape[:2]
     if tuple(size) != tuple(shape):
@@ -155,10 +155,6 @@ def voc_section_hash(cfg: Any) -> str:
     """The hash of the ``export`` section without ``formats``, which changes the other formats only: it equals
     ``cfg.section_hash("export")`` of a config from before ``export.formats`` existed, so adding the key re-exports
     nothing, and the segmenter (whose fingerprint holds the export's) is not retrained for a new format."""
-    import dataclasses
-    import hashlib
-    import json
-
     section = {k: v for k, v in dataclasses.asdict(cfg.export).items() if k != "formats"}
     return hashlib.sha256(json.dumps({"export": section}, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -166,8 +162,6 @@ def voc_section_hash(cfg: Any) -> str:
 def formats_to_write(exports_dir: Path, formats: list[str], fp: str, force: bool = False) -> list[str]:
     """The formats of ``formats`` (``voc`` aside) whose folder is missing or was written from another VOC export
     than the one of fingerprint ``fp`` (all of them with ``force``)."""
-    from pipeline.formats import VOC
-
     todo = []
     for name in formats:
         marker = Path(exports_dir) / name / FORMAT_MARKER
@@ -187,8 +181,6 @@ def write_formats(voc_dir: Path, exports_dir: Path, formats: list[str], images: 
     """Write each format of ``formats`` but ``voc`` from the VOC export ``voc_dir`` into ``exports_dir/<format>/``
     (built under a temp name and swapped into place, with ``FORMAT_MARKER`` holding ``fp``); returns what each
     wrote."""
-    from pipeline.formats import FORMATS, VOC, voc_source
-
     if all(name == VOC for name in formats):
         return {}
     source = voc_source(voc_dir, images=images)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.runfolder import save_figure
+
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "classifier",
                          loss_label: str = "BCE loss", metric: tuple[str, str] = ("val_map", "val mAP")) -> None:
@@ -13,8 +15,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.runfolder import save_figure
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -58,8 +58,6 @@ def faithfulness_curves_figure(results: dict[str, dict[str, Any]]):
 def plot_faithfulness_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
     """``faithfulness_curves_figure`` written to ``path`` (atomically)."""
     import matplotlib.pyplot as plt
-
-    from pipeline.runfolder import save_figure
 
     fig = faithfulness_curves_figure(results)
     save_figure(path, fig)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.confidence import read_confidence, review_order
 from pipeline.data import IGNORE, SegDataset, read_mask
@@ -161,8 +162,6 @@ class _Decoder:
     def read(self, path: Path) -> np.ndarray:
         """A corrected mask as label indices [H,W] uint8 (palette, 8-bit gray or RGB PNG); a value or colour that
         names no label ends in a ``DataError`` naming the file (raw indices are checked by the caller)."""
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(path) as im:
                 mode = im.mode

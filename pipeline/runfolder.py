@@ -13,12 +13,15 @@ outputs (``--force``) gets a new identity, so that every stage that read those o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from pipeline.errors import UserError
 
@@ -89,8 +94,6 @@ def write_text(path: Path, text: str) -> None:
 
 def save_label_png(path: Path, label: np.ndarray) -> None:
     """uint8 label map as a palette PNG (VOC colours, 255 = ignore)."""
-    from PIL import Image
-
     im = Image.fromarray(label.astype(np.uint8), mode="P")
     im.putpalette(voc_palette())
     buf = io.BytesIO()
@@ -105,8 +108,6 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    import torch
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -242,10 +243,6 @@ def run_lock(run: Path) -> Any:
     """Hold ``<run>/.lock`` while stages write the run folder: one process at a time. A second process ends
     with one line naming the first one's pid. The lock is an ``flock`` on the file, which the kernel releases
     when its holder dies, so a lock left by a killed process is taken over (with a log line naming its pid)."""
-    import fcntl
-    import logging
-    import socket
-
     run = Path(run)
     path = run / LOCK_NAME
     try:

@@ -24,6 +24,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import cv2
+import torch
+
 from pipeline.errors import UserError
 
 # Imported once by the forkserver, so that workers fork with them loaded instead of importing them each.
@@ -55,9 +58,6 @@ def init_worker() -> None:
     """Set up a pool worker: Ctrl-C is the main process's to handle (no traceback from an idle worker), and
     one native thread each, so that N workers use N cores and their results do not depend on N."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import cv2
-    import torch
-
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 

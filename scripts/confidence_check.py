@@ -24,20 +24,31 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.confidence import run_confidence, summarise  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import maps_dataset, read_mask  # noqa: E402
+from pipeline.data import maps_dataset, read_image, read_mask  # noqa: E402
 from pipeline.export import export_refiner  # noqa: E402
+from pipeline.maps.inference import to_tensor  # noqa: E402
+from pipeline.maps.io import load_maps  # noqa: E402
 from pipeline.metrics import ConfusionMatrix  # noqa: E402
+from pipeline.models import load_classifier  # noqa: E402
 from pipeline.refine import label_sets  # noqa: E402
+from pipeline.refine.sam import (  # noqa: E402
+    embedding,
+    image_decoder,
+    kept_masks,
+    load_model,
+    one_thread,
+    stuff_rows_of,
+)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
     return float(spearmanr(a, b).statistic)
 
 
@@ -58,12 +69,6 @@ def miou_with(ds, gts, masks: dict[str, np.ndarray]) -> float:
 def classifier_probabilities(cfg, ds, checkpoint: Path) -> dict[str, dict[str, float]]:
     """Image id -> {class name: the classifier's sigmoid probability of it}, for the image's own labels: the
     whole upright image at its size, as make_maps sees it at scale 1."""
-    import torch
-
-    from pipeline.data import read_image
-    from pipeline.maps.inference import to_tensor
-    from pipeline.models import load_classifier
-
     net, ckpt = load_classifier(checkpoint, "cpu")
     out = {}
     with torch.inference_mode():
@@ -77,10 +82,6 @@ def sam_predicted_iou(cfg, ds, maps_dir: Path) -> dict[str, dict[str, float]]:
     """Image id -> {class name: the mean predicted IoU of the SAM masks that the sam refiner keeps for the class}:
     its prompts on ``maps_dir``'s maps and its choice of mask (``kept_masks``), the embeddings from the run's cache.
     Classes with no kept mask are left out."""
-    from pipeline.data import read_image
-    from pipeline.maps.io import load_maps
-    from pipeline.refine.sam import embedding, image_decoder, kept_masks, load_model, one_thread, stuff_rows_of
-
     s = cfg.refine.sam
     model = load_model(s, "cpu")
     out = {}

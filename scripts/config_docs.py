@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "docs" / "configuration.md"
-COMMAND = ".venv/bin/python scripts/config_docs.py"
-
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from pipeline.config import Config  # noqa: E402  (the checkout's, beside this script, whose source is read)
+
+PAGE = ROOT / "docs" / "configuration.md"
+COMMAND = ".venv/bin/python scripts/config_docs.py"
 
 
 # ------------------------------------------------------------------------------------------ source comments
@@ -170,8 +172,6 @@ def _anchor(key: str) -> str:
 
 
 def generate(missing: list[str] | None = None) -> str:
-    from pipeline.config import Config
-
     missing = [] if missing is None else missing
     head = [
         "# Configuration",

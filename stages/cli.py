@@ -14,12 +14,20 @@ import re
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
 from pipeline.config import dump_config, load_config
+from pipeline.device import resolve_device
+from pipeline.distributed import check_torchrun_command, torchrun_rank
 from pipeline.errors import UserError, first_line
+from pipeline.models.segmenter import load_segmenter
 from pipeline.runfolder import run_lock, write_text
+from pipeline.segmenter.predict import Predictor, checked_scales, predict_folder
+from stages import STAGES
+from stages.review import import_corrections, review
 
 SET_ITEM = re.compile(r"[A-Za-z_][\w.-]*=")  # a config key and "=": how a --set item starts
 
@@ -65,16 +73,11 @@ def _fail(message: str) -> int:
 
 def _close_progress_bars() -> None:
     """Close the progress bars that an exception left open, so that the message gets a line of its own."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.distributed import check_torchrun_command, torchrun_rank
-    from stages import STAGES
-
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=[*STAGES, "all", "predict", *COMMANDS],
                         help="the stage to run, all of them in order, predict (a trained segmenter on a folder), "
@@ -134,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _review(cfg, args: argparse.Namespace) -> None:
-    from stages.review import review
-
     review(cfg, args.limit, args.out)
 
 
 def _import_masks(cfg, args: argparse.Namespace) -> None:
-    from stages.review import import_corrections
-
     import_corrections(cfg, args.folder)
 
 
@@ -149,12 +148,6 @@ COMMANDS = {"review": _review, "import-masks": _import_masks}  # on a run folder
 
 
 def _predict(cfg, args: argparse.Namespace, log: logging.Logger) -> None:
-    from pathlib import Path
-
-    from pipeline.device import resolve_device
-    from pipeline.models.segmenter import load_segmenter
-    from pipeline.segmenter.predict import Predictor, checked_scales, predict_folder
-
     device = resolve_device(cfg.device)
     path = Path(args.checkpoint) if args.checkpoint else cfg.run_path / "segmenter.pt"
     net, ckpt = load_segmenter(path, device)

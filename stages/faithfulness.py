@@ -12,8 +12,10 @@ import numpy as np
 
 from pipeline.config import Config, FaithfulnessConfig
 from pipeline.data import spread
+from pipeline.device import resolve_device
 from pipeline.maps.io import load_maps
 from pipeline.metrics.faithfulness import PROBE_OPTIONS, score_maps
+from pipeline.models import load_classifier
 from pipeline.plots import plot_faithfulness_curves
 from pipeline.runfolder import fingerprint, read_json, write_json
 from stages.common import log
@@ -22,9 +24,6 @@ from stages.common import log
 def faithfulness_of_run(cfg: Config, ds, gts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Every method of ``cfg.maps.methods`` on the run's classifier (CUDA when present), ``ds``: the maps'
     images, ``gts``: their GT masks by id (the energy pointing game where there is one)."""
-    from pipeline.device import resolve_device
-    from pipeline.models import load_classifier
-
     run_dir = cfg.run_path
     methods = list(cfg.maps.methods)
     if not methods:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import _merged
 from pipeline.runfolder import save_label_png
 
 
@@ -58,6 +59,4 @@ TINY = {
 
 def on_tiny(cfg: dict) -> dict:
     """``cfg`` on top of ``TINY`` (sections merge key by key, as a config's ``extends:``)."""
-    from pipeline.config import _merged
-
     return _merged(TINY, cfg)

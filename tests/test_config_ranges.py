@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import CHOICES, RANGES, Config, config_from_dict
+from pipeline.config import CHOICES, RANGES, Config, config_from_dict, load_config
 from pipeline.data import load_dataset
 from pipeline.data.folder import held_out
 from stages.cli import main
@@ -111,7 +112,6 @@ def test_a_folder_dataset_without_splits_trains_on_a_seeded_hold_out(tmp_path, c
                        "batch_size": 4}}))
     with caplog.at_level(logging.INFO):
         assert main(["train_classifier", "--config", str(config)]) == 0
-    from pipeline.config import load_config
 
     data = load_config(config).data
     train, val, every = (load_dataset(data, s) for s in ("train", "val", "all"))
@@ -145,8 +145,6 @@ def test_a_folder_dataset_without_a_hold_out_names_the_keys(tmp_path, capsys):
 
 
 def test_a_config_extends_another_and_states_only_what_differs(tmp_path):
-    from pipeline.config import load_config
-
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "a.yaml").write_text("name: a\nclassifier: {epochs: 3, lr: 0.01}\n"
                                               "maps: {scales: [1.0, 2.0]}\n")
@@ -165,10 +163,6 @@ def test_a_config_extends_another_and_states_only_what_differs(tmp_path):
 
 
 def test_the_shipped_configs_state_their_data_and_what_differs():
-    from pathlib import Path
-
-    from pipeline.config import load_config
-
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         load_config(path)  # each is valid
         assert len(path.read_text().splitlines()) <= 40, path

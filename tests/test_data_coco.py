@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from pipeline.config import config_from_dict
+from pipeline.config import _merged, config_from_dict
 from pipeline.data import load_dataset, read_mask
 from pipeline.errors import DataError
+from pipeline.evaluation import evaluate_labels, gt_masks
+from pipeline.rle import decode_rle, encode_rle
+from pipeline.runfolder import save_label_png
+from stages.cli import main
 
 H, W = 30, 40
 
@@ -213,8 +220,6 @@ def _users_file(root: Path) -> tuple[Path, dict]:
 def test_bad_entries_among_good_ones_keep_every_label_and_only_sound_gt_masks(tmp_path, caplog):
     from pycocotools.coco import COCO
 
-    from pipeline.evaluation import evaluate_labels, gt_masks
-    from pipeline.runfolder import save_label_png
 
     clean = tmp_path / "clean"
     _coco(clean)
@@ -274,7 +279,6 @@ def test_each_malformed_segmentation_is_named_in_the_warning(tmp_path, caplog, s
 def test_rle_strings_round_trip_through_pycocotools():
     from pycocotools import mask as mask_utils
 
-    from pipeline.rle import decode_rle, encode_rle
 
     rng = np.random.default_rng(1)
     for shape in [(1, 1), (7, 5), (64, 48)]:
@@ -293,10 +297,6 @@ SHAPES = {1: "disc", 2: "block"}  # category id -> name
 
 def _readme_coco2017() -> dict:
     """The COCO 2017 config that datasets/README.md gives, as its YAML block reads."""
-    import re
-
-    import yaml
-
     block = re.search(r"^```yaml\n(# configs/coco2017\.yaml\n.*?)^```", README.read_text(encoding="utf-8"),
                       flags=re.S | re.M)
     assert block, "datasets/README.md has no configs/coco2017.yaml block"
@@ -306,8 +306,6 @@ def _readme_coco2017() -> dict:
 def _coco2017(root: Path) -> None:
     """COCO 2017 as it unpacks, in small: annotations/instances_{train,val}2017.json, train2017/, val2017/; on each
     48x48 image a disc (a polygon) and/or a block (a polygon), in colours of their own."""
-    import cv2
-
     rng = np.random.default_rng(0)
     for split, n in (("train2017", 16), ("val2017", 6)):
         (root / split).mkdir(parents=True)
@@ -335,11 +333,6 @@ def _coco2017(root: Path) -> None:
 
 
 def test_the_readme_coco_2017_config_runs_and_its_old_form_fails_before_training(tmp_path, capsys):
-    import yaml
-
-    from pipeline.config import _merged
-    from stages.cli import main
-
     readme = _readme_coco2017()
     assert readme["data"] | {"root": "-"} == {"kind": "coco", "root": "-", "background": True,
                                               "train_split": "train2017", "val_split": "val2017"}

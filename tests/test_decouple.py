@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import write_rgb
 
-from pipeline.data import SegDataset
+from pipeline.config import config_from_dict
+from pipeline.data import SegDataset, read_mask
 from pipeline.data.dataset import Sample
+from pipeline.data.synthetic import generate
+from pipeline.data.voc import read_voc
 from pipeline.decouple import CutOut, DecoupledImages, build_bank, cut_outs, paste
-from pipeline.maps.io import save_maps
+from pipeline.maps.io import load_maps, save_maps
 from pipeline.runfolder import save_label_png
+from stages import STAGES
 
 
 def _scene(h: int = 60, w: int = 80) -> tuple[np.ndarray, np.ndarray]:
@@ -98,10 +103,6 @@ def test_decoupled_items_paste_only_onto_hosts_without_the_context(tmp_path):
 def _map_leak(root, run, method: str, a: str, b: str) -> float:
     """Class a's map on the GT pixels of class b over a's own, averaged over the train images holding both:
     about 1 where a's map cannot tell a from b, lower as it separates them."""
-    from pipeline.data import read_mask
-    from pipeline.data.voc import read_voc
-    from pipeline.maps.io import load_maps
-
     ds = read_voc(root, "train", True)
     ia, ib = ds.classes.index(a), ds.classes.index(b)
     on_b, on_a = [], []
@@ -115,14 +116,11 @@ def _map_leak(root, run, method: str, a: str, b: str) -> float:
     return float(np.mean(on_b) / np.mean(on_a))
 
 
+@pytest.mark.slow
 def test_the_decoupled_round_separates_a_bound_pair(tmp_path):
     """star is never shown without ring: the first round's star map is as strong on the rings as on the stars;
     the second round's must be measurably weaker on them. The recipe's pretrained backbone on a small set (a
     network trained from scratch on it learns too little for cut-outs that hold the star alone)."""
-    from pipeline.config import config_from_dict
-    from pipeline.data.synthetic import generate
-    from stages import STAGES
-
     root, run = tmp_path / "bound", tmp_path / "run"
     generate(root, n_train=240, n_val=40, size=112, seed=1, classes=["disc", "square", "star", "ring"],
              bound={"star": "ring"})

@@ -33,8 +33,10 @@ import torch
 import yaml
 from conftest import on_tiny
 
-from pipeline.distributed import DistContext, GlobalBatchSampler, epoch_permutation
+from pipeline.config import load_config
+from pipeline.distributed import DistContext, GlobalBatchSampler, check_torchrun_command, epoch_permutation
 from pipeline.errors import ConfigError
+from stages import make_maps, refine
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +130,7 @@ def test_distributed_sampler_splits_each_global_batch():
     assert len(GlobalBatchSampler(17, 8, 0, 2, shuffle=False, drop_last=True)) == 2
 
 
+@pytest.mark.slow
 def test_distributed_building_blocks_match_one_process(base):
     out = base / "check.json"
     run(torchrun(2, str(REPO / "tests" / "ddp_check.py"), str(out)), base / "check.log")
@@ -141,6 +144,7 @@ def test_distributed_building_blocks_match_one_process(base):
     assert r["val"] < 1e-6 and r["val_map_diff"] == 0.0, r
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
     run_dir, log = ddp2
     ours, theirs = (json.loads((d / "train_log.json").read_text()) for d in (single, run_dir))
@@ -153,6 +157,7 @@ def test_ddp_two_processes_train_the_single_process_model(single, ddp2):
                                                          "plots", "train_classifier.done.json", "train_log.json"]
 
 
+@pytest.mark.slow
 def test_ddp_one_process_is_the_plain_run(base, single):
     train(1, write_config(base, "ddp1"), base / "ddp1.log")
     ours, theirs = weights(single), weights(base / "ddp1")
@@ -179,6 +184,7 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_ddp_resumes_after_sigkill(base, ddp2):
     cfg, run_dir = write_config(base, "killed"), base / "killed"
     resume = run_dir / "classifier.resume.pt"
@@ -208,10 +214,6 @@ def test_ddp_resumes_after_sigkill(base, ddp2):
 def test_distributed_other_stages_refused_or_rank_0_only(base, monkeypatch):
     """Under torchrun with 2 processes: a command other than one training stage is refused in one line
     (``check_torchrun_command``, for the CLI); make_maps and refine return at once on the ranks other than 0."""
-    from pipeline.config import load_config
-    from pipeline.distributed import check_torchrun_command
-    from stages import make_maps, refine
-
     check_torchrun_command(["make_maps", "refine"])  # no torchrun: anything goes
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -229,6 +231,7 @@ SEGMENTER = {"masks": "gt", "backbone": "smallcnn", "pretrained": "none", "chann
              "input_size": 32, "crop_size": 32, "epochs": 2, "batch_size": 16}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_the_single_process_segmenter(base):
     """The segmenter under torchrun (on the GT masks, so that no maps are needed): its loss is a mean over the
     labelled pixels, and the processes' shares are weighted by their pixel counts as one process would. The

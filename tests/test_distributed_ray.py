@@ -19,6 +19,7 @@ from pipeline.runfolder import read_json, write_json
 from stages.cli import main
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # each test needs the module's local and Ray runs of three stages
 
 CONFIG = {
     "device": "cpu",

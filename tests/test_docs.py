@@ -3,11 +3,20 @@ person, and every relative link (and its #anchor) points at something that exist
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
+import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.maps.io import save_maps
+from pipeline.runfolder import save_label_png
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -53,11 +62,6 @@ def test_configuration_page_is_current():
 
 
 def test_configuration_page_lists_every_key():
-    import dataclasses
-    import typing
-
-    from pipeline.config import Config
-
     def keys(cls, prefix=""):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -128,13 +132,6 @@ def test_relative_links_point_at_existing_files(page):
 
 def _fake_run(tmp_path: Path) -> Path:
     """A finished-looking run folder over a 4-image folder dataset: config.yaml, maps/cam, pseudo-masks."""
-    import numpy as np
-    import yaml
-    from PIL import Image
-
-    from pipeline.maps.io import save_maps
-    from pipeline.runfolder import save_label_png
-
     root, run = tmp_path / "data", tmp_path / "runs" / "fake"
     classes = ["cat", "dog"]
     labels = {"a": [0], "b": [1], "c": [0, 1], "d": [1]}
@@ -161,8 +158,6 @@ def _fake_run(tmp_path: Path) -> Path:
 
 
 def test_readme_figure_composes_image_cam_pseudo_mask_gt_rows(tmp_path):
-    from PIL import Image
-
     spec = importlib.util.spec_from_file_location("readme_figure", ROOT / "scripts" / "readme_figure.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

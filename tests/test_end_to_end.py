@@ -13,6 +13,8 @@ from conftest import on_tiny
 from pipeline.data.voc import read_voc
 from stages.cli import main
 
+pytestmark = pytest.mark.slow  # each test reads the module's run of every stage
+
 TINY = {
     "data": {"kind": "synthetic", "synthetic": {"n_train": 160, "n_val": 40, "size": 112, "seed": 3}},
     "classifier": {"backbone": "tf_efficientnet_lite0", "pretrained": "packaged", "input_size": 112, "epochs": 6,

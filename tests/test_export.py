@@ -11,9 +11,18 @@ import pytest
 from pipeline.data import read_mask
 from pipeline.errors import ConfigError
 from pipeline.export import AUTO_ORDER, auto_order, export_refiner
+from pipeline.format_names import FORMAT_NAMES
+from pipeline.formats import FORMATS, VOC, format_names
 from pipeline.maps.io import save_maps
 from stages.cli import main
 from tests.test_reliability_errors import CLASSES, TRAIN_LABELS, error_line, write_config
+
+
+def test_the_config_knows_exactly_the_registered_formats():
+    """``pipeline.config.validate`` checks ``export.formats`` against ``pipeline/format_names.py`` (the config does
+    not import the writers), so that list must be ``voc`` and the registry's, in its order."""
+    assert FORMAT_NAMES == (VOC, *FORMATS) == tuple(format_names())
+    assert FORMAT_NAMES == ("voc", "coco", "cvat", "hf", "mmseg", "yolo")
 
 
 def test_auto_picks_the_walked_sets_first_then_graphcut_crf_threshold():

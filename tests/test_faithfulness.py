@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import config_from_dict
 from pipeline.metrics import average_drop, energy_pointing_game, increase_in_confidence
 from pipeline.metrics.faithfulness import (
     Accumulator,
@@ -25,6 +26,7 @@ from pipeline.metrics.faithfulness import (
     step_counts,
 )
 from pipeline.models import Classifier
+from stages.faithfulness import faithfulness_of_run
 
 H = W = 4
 R = np.zeros((H, W), bool)
@@ -162,9 +164,6 @@ def test_summary_keys_and_means():
 
 
 def test_a_run_without_classifier_is_not_scored(tmp_path, caplog):
-    from pipeline.config import config_from_dict
-    from stages.faithfulness import faithfulness_of_run
-
     cfg = config_from_dict({"run_dir": str(tmp_path / "run")})
     caplog.set_level("WARNING")
     assert faithfulness_of_run(cfg, None, {}) == {}  # maps made elsewhere: evaluate still scores them against GT

@@ -4,16 +4,24 @@ their published file rules, since those libraries cannot be installed beside the
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.data.folder import read_folder
+from pipeline.errors import DataError, UserError
 from pipeline.export import export_pseudo_masks, write_formats
-from pipeline.runfolder import save_label_png
+from pipeline.formats import write_cvat
+from pipeline.runfolder import save_label_png, voc_palette
 
 H, W = 40, 56  # upright size: not square, so a rotated image cannot pass for an upright one
 BOX = (slice(4, 16), slice(6, 26))  # the known shape, near the top left corner
@@ -86,7 +94,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_the_voc_export_reads_upright_in_torchvision_and_cv2(tmp_path):
-    import cv2
     from torchvision.datasets import VOCSegmentation
 
     voc = tmp_path / "VOCdevkit" / "VOC2012"  # where VOCSegmentation(root, year="2012") looks
@@ -115,8 +122,6 @@ def test_the_voc_export_reads_upright_in_torchvision_and_cv2(tmp_path):
 
 
 def test_a_rotated_source_with_a_mask_of_the_stored_size_fails_with_one_line(tmp_path):
-    from pipeline.errors import DataError
-
     root, kinds = _dataset(tmp_path)
     ds = read_folder(root, "all", background=True)
     refined = tmp_path / "refined"
@@ -133,11 +138,6 @@ def test_a_rotated_source_with_a_mask_of_the_stored_size_fails_with_one_line(tmp
 def test_the_voc_export_and_the_formats_place_images_alike(tmp_path, monkeypatch):
     """One place_image serves the VOC export and every format: a link to the file the source resolves to, a copy
     with export.images: copy, and one line naming the folder where links cannot be made."""
-    import errno
-    import os
-
-    from pipeline.errors import UserError
-
     kinds, root = _export(tmp_path, tmp_path / "pm")
     linked = tmp_path / "pm" / "JPEGImages" / "plain.jpg"
     assert linked.is_symlink() and os.readlink(linked) == str((root / "images" / "plain.jpg").resolve())
@@ -166,8 +166,6 @@ CLASSES = ["disc", "ring", "dot"]
 
 def _scene(background: bool) -> dict[str, np.ndarray]:
     """Label maps with two components of one class, a ring (a hole), a one-pixel component, an ignore band."""
-    import cv2
-
     off = int(background)
     a = np.full((48, 64), 0 if background else 2, np.uint8)  # without background: "dot" everywhere else
     cv2.circle(a, (12, 12), 7, 0 + off, -1)
@@ -203,8 +201,6 @@ def _formats(tmp_path: Path, background: bool, formats: list[str]) -> tuple[dict
 
 
 def _components(label: np.ndarray, value: int) -> list[np.ndarray]:
-    import cv2
-
     n, comp = cv2.connectedComponents((label == value).astype(np.uint8), connectivity=8)
     return [comp == j for j in range(1, n)]
 
@@ -272,10 +268,6 @@ def _mmcv_seg_map(path: Path, backend: str) -> np.ndarray:
     """An annotation PNG as mmseg's LoadAnnotations reads it: ``mmcv.imfrombytes(bytes, flag='unchanged',
     backend=imdecode_backend).squeeze().astype(np.uint8)``; pillow (the default) keeps the decoded array as it is,
     cv2 decodes with IMREAD_UNCHANGED."""
-    import io
-
-    import cv2
-
     data = path.read_bytes()
     if backend == "cv2":
         array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -287,10 +279,6 @@ def _mmcv_seg_map(path: Path, backend: str) -> np.ndarray:
 
 @pytest.mark.parametrize("background", [True, False])
 def test_mmseg_snippet_and_folders_follow_its_dataset_rules(tmp_path, background):
-    import cv2
-
-    from pipeline.runfolder import voc_palette
-
     scene, exports = _formats(tmp_path, background, ["mmseg"])
     snippet = {}
     exec(compile((exports / "mmseg" / "dataset.py").read_text(), "dataset.py", "exec"), {"dict": dict}, snippet)
@@ -330,8 +318,6 @@ def _ultralytics_masks(label_file: Path, num_classes: int, h: int, w: int) -> np
     segments when a line has more than 6 values, each checked as a box (5 columns, coordinates within [0, 1],
     class below the count, no duplicate row); the points scaled by the image size in float32, resampled, truncated
     to int32 and filled with cv2.fillPoly."""
-    import cv2
-
     rows = [x.split() for x in label_file.read_text(encoding="utf-8").strip().splitlines() if len(x)]
     masks = np.zeros((num_classes, h, w), bool)
     if not rows:
@@ -356,9 +342,6 @@ def test_yolo_polygons_read_by_ultralytics_rules_give_the_label_maps(tmp_path, b
     """Each class's mask, as Ultralytics rasterises the polygons, is exactly the union of its components with their
     holes filled (a polygon has none); a component enclosing no area (one pixel) is dropped. Without a background
     class, the class that fills the rest of an image is one large polygon under the others."""
-    import yaml
-    from scipy import ndimage
-
     scene, exports = _formats(tmp_path, background, ["yolo"])
     data = yaml.safe_load((exports / "yolo" / "data.yaml").read_text())
     assert data["names"] == {0: "disc", 1: "ring", 2: "dot"} and Path(data["path"]) == (exports / "yolo").resolve()
@@ -398,8 +381,6 @@ def test_cvat_segmentation_mask_follows_its_labelmap(tmp_path):
 
 
 def test_write_cvat_takes_any_subset_of_plain_tuples(tmp_path):
-    from pipeline.formats import write_cvat
-
     image = tmp_path / "x.jpg"
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(image)
     label = np.zeros((6, 8), np.uint8)

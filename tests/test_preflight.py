@@ -3,6 +3,7 @@ checked, and a missing one is one line before any training, from the CLI and fro
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -85,8 +86,6 @@ def test_the_rows_tell_litemedsam_from_segment_anything(tmp_path, monkeypatch):
 def test_a_namespace_folder_is_not_an_installed_package(tmp_path, monkeypatch):
     """The repository's datasets/ folder, on the path when the working directory is the repository's root, must not
     pass for the datasets package."""
-    import importlib
-
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "wsss_probe_pkg").mkdir()
     importlib.invalidate_caches()

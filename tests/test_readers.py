@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import read_image, read_mask
+from pipeline.config import config_from_dict
+from pipeline.data import maps_dataset, read_image, read_mask
 from pipeline.data.folder import read_folder
 from pipeline.data.voc import read_voc
 from pipeline.errors import DataError
@@ -27,8 +30,6 @@ def test_voc_reader_labels_and_label_space(tiny_voc, background, with_csv):
 
 
 def test_voc_reader_reads_msrc21():
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
     if not root.exists():
         root = Path("../shared/data/msrc21")
@@ -110,9 +111,6 @@ def test_read_image_modes_and_errors(tmp_path):
 
 
 def test_maps_limit_spreads_the_images_over_the_split(tiny_voc):
-    from pipeline.config import config_from_dict
-    from stages.common import maps_dataset
-
     root = tiny_voc(background=True)
     (root / "ImageSets/Segmentation/train.txt").write_text("a\nb\nc\nd\n")
     ids = {}

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.refine import REFINERS
+from pipeline.refine.sam import PACKAGED
 from pipeline.refine.threshold import threshold_labels
+from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
 
 
 def test_threshold_with_background_band():
@@ -21,8 +24,4 @@ def test_threshold_without_background_argmax_and_margin():
 def test_the_config_knows_exactly_the_registered_refiners():
     """``pipeline.config.validate`` checks refiner names against ``pipeline/refiner_names.py`` (it cannot import
     the refiners without a circle), so that list must be the registry's."""
-    from pipeline.refine import REFINERS
-    from pipeline.refine.sam import PACKAGED
-    from pipeline.refiner_names import REFINER_NAMES, SAM_PACKAGED
-
     assert sorted(REFINER_NAMES) == list(REFINERS) and PACKAGED == SAM_PACKAGED == "packaged"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,8 +23,6 @@ def _scene(seed: int = 0, size: int = 80) -> tuple[np.ndarray, np.ndarray, np.nd
 
     The blob is what a CAM gives: a blurred ellipse, shifted, too wide and too flat, max-normalised to [0, 1].
     """
-    import cv2
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     c, r = size / 2, size / 4

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from conftest import on_tiny
 
+from pipeline.config import RefineConfig
 from pipeline.refine import REFINERS, get_refiner
 from pipeline.workers import WorkerFailed, run_pool
 from stages.cli import main
@@ -199,8 +200,6 @@ def test_every_refiner_is_deterministic_across_processes():
 
 
 def _refine_case(case: tuple[str, np.ndarray]) -> tuple[str, bytes]:
-    from pipeline.config import RefineConfig
-
     name, blob = case
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)

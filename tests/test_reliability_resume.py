@@ -163,6 +163,7 @@ def saved_epoch(resume: Path) -> int:
     return torch.load(resume, map_location="cpu", weights_only=False)["epoch"]
 
 
+@pytest.mark.slow
 def test_resume_train_classifier_after_sigint_and_sigkill(ref, caplog):
     base = ref.parent
     cfg, run = write_config(base, "train_killed"), base / "train_killed"
@@ -180,6 +181,7 @@ def test_resume_train_classifier_after_sigint_and_sigkill(ref, caplog):
     assert outputs(run) == outputs(ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "first", "second"), [
     pytest.param("make_maps", "maps/cam/*.npz", "maps/cam/*.npz", id="make_maps"),
     pytest.param("refine", "refined/graphcut/*.png", "refined/crf/*.png", id="refine"),
@@ -206,6 +208,7 @@ def test_resume_per_item_stage_after_sigint_and_sigkill(ref, stage, first, secon
     assert outputs(run) == outputs(ref)  # no temp file left over, no half-written file, the same bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "target", "leftover"), [
     pytest.param("export", "pipeline.export._place_image", ".pseudo_masks.tmp/SegmentationClass/syn_00000.png",
                  id="export"),
@@ -236,6 +239,7 @@ def test_resume_export_and_evaluate_after_interrupt(ref, monkeypatch, stage, tar
     assert outputs(run) == outputs(ref)
 
 
+@pytest.mark.slow
 def test_force_redoes_a_stage_without_resume(ref):
     """An interrupted stage rerun with --force starts afresh: every item is recomputed (same bytes)."""
     base = ref.parent
@@ -255,6 +259,7 @@ def test_force_redoes_a_stage_without_resume(ref):
     assert {k: v for k, v in outputs(run).items() if k.startswith("maps/") or k.startswith("make_maps")} == ref_maps
 
 
+@pytest.mark.slow
 def test_deterministic_two_runs_byte_identical(ref):
     base = ref.parent
     assert main(["all", "--config", str(write_config(base, "again"))]) == 0
@@ -284,6 +289,7 @@ def touch_pixel(path: Path) -> None:
     edited.save(path)
 
 
+@pytest.mark.slow
 def test_staleness_an_edit_invalidates_that_stage_and_later_ones_only(tmp_path, caplog):
     config = copy.deepcopy(CONFIG)
     config["data"]["synthetic"] = {"n_train": 12, "n_val": 4, "size": 32, "seed": 1}

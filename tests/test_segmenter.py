@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import on_tiny
 from PIL import Image
 
@@ -184,8 +185,6 @@ def test_overlay_blends_label_colours_and_keeps_ignored_pixels():
 
 
 def tiny_config(tmp_path, root, **segmenter) -> str:
-    import yaml
-
     cfg = {"run_dir": str(tmp_path / "run"), "device": "cpu", "data": {"kind": "voc", "root": str(root)},
            "classifier": {"backbone": "smallcnn", "input_size": 32, "epochs": 1, "batch_size": 2},
            "maps": {"flip": False}, "refine": {"workers": "1", "refiners": ["threshold"]},

@@ -9,6 +9,7 @@ from pipeline.data.coco import annotations_file, read_coco
 from pipeline.data.dataset import IGNORE, Sample, SegDataset, check_mask_sizes, read_image, read_mask, spread
 from pipeline.data.folder import read_folder
 from pipeline.data.folder import split_file as folder_split_file
+from pipeline.data.synthetic import SPLITS, generate
 from pipeline.data.voc import read_voc
 from pipeline.data.voc import split_file as voc_split_file
 
@@ -21,8 +22,6 @@ READERS = {"voc": read_voc, "synthetic": read_voc, "folder": read_folder}
 def prepare_data(cfg: DataConfig) -> None:
     """Generate the synthetic dataset on first use; real datasets are read where they are."""
     if cfg.kind == "synthetic":
-        from pipeline.data.synthetic import generate
-
         s = cfg.synthetic
         generate(Path(cfg.root), n_train=s.n_train, n_val=s.n_val, size=s.size, seed=s.seed)
 
@@ -51,8 +50,6 @@ def split_file(cfg: DataConfig, split: str) -> Path | None:
     dataset without ``splits/`` holds out by hash, or one the synthetic generator writes on first use."""
     root = Path(cfg.root)
     if cfg.kind == "synthetic":
-        from pipeline.data.synthetic import SPLITS  # as in prepare_data: the generator's module imports cv2
-
         return None if split in SPLITS else voc_split_file(root, split)
     if cfg.kind == "folder":
         return folder_split_file(root, split)

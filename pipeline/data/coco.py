@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from skimage.draw import polygon
 
 from pipeline.data.dataset import IGNORE, SegDataset, build_samples
 from pipeline.errors import DataError
@@ -100,8 +101,6 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
 def rasterise(anns: list[dict[str, Any]], height: int, width: int, index: dict[int, int], background: bool
               ) -> np.ndarray:
     """The label map of one image's annotations (``index``: category id -> label index)."""
-    from skimage.draw import polygon
-
     def mask_of(ann: dict[str, Any]) -> np.ndarray:
         seg = ann["segmentation"]
         if isinstance(seg, dict):

@@ -9,8 +9,10 @@ Label index space (used by GT masks, refined label maps and exported pseudo-mask
 
 from __future__ import annotations
 
+import csv
 import difflib
 import io
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -174,8 +176,6 @@ def read_classes(path: Path) -> list[str]:
 
 def read_labels_csv(path: Path, classes: list[str]) -> dict[str, tuple[int, ...]]:
     """``image,labels`` with space-separated class names -> {image id: sorted class indices}."""
-    import csv
-
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, tuple[int, ...]] = {}
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
@@ -225,8 +225,6 @@ def read_split(path: Path) -> list[str]:
 def build_samples(root: Path, classes: list[str], background: bool, ids: list[str], images: dict[str, Path],
                   labels: dict[str, tuple[int, ...]], masks: dict[str, Path], source: Path) -> SegDataset:
     """Assemble a dataset; images without labels are skipped with a warning and listed in ``skipped``."""
-    import logging
-
     ds = SegDataset(root=root, classes=classes, background=background)
     for i in ids:
         if i not in labels:

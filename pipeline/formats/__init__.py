@@ -4,6 +4,7 @@ each layout and the trainer config that reads it. The registry is in ``_registry
 
 from __future__ import annotations
 
+from pipeline.format_names import VOC
 from pipeline.formats import coco as _coco  # noqa: F401  (registers the formats)
 from pipeline.formats import cvat as _cvat  # noqa: F401
 from pipeline.formats import hf as _hf  # noqa: F401
@@ -11,7 +12,6 @@ from pipeline.formats import mmseg as _mmseg  # noqa: F401
 from pipeline.formats import yolo as _yolo  # noqa: F401
 from pipeline.formats._registry import (
     FORMATS,
-    VOC,
     ExportItem,
     ExportSource,
     FormatWriter,

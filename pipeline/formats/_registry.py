@@ -7,9 +7,6 @@ Every format is written from one :class:`ExportSource`: the images and label map
 255 = ignore) and its label names. A writer is ``fn(source, out_dir, final_dir) -> dict`` (what it wrote, for the
 log): it writes into ``out_dir``, a fresh folder that the caller renames to ``final_dir`` when the writer returns
 (the path that files naming their own folder, as a YOLO ``data.yaml``, must give).
-
-This module imports neither the config nor the datasets package, so ``pipeline.config.validate`` can check the
-names of ``export.formats`` here without a circle.
 """
 
 from __future__ import annotations
@@ -22,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from pipeline.errors import DataError, UserError
 from pipeline.registry import Registry
 
 IGNORE = 255  # the label maps' "uncertain / void" value (pipeline.data.dataset.IGNORE)
-VOC = "voc"  # pseudo_masks/: always written, the segmenter trains on it
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,6 @@ class ExportSource:
 
     def each(self, what: str) -> Iterator[ExportItem]:
         """Every item, under a progress bar named ``what``."""
-        from tqdm import tqdm
-
         yield from tqdm(self.items, desc=f"export {what}", leave=False)
 
     def labels(self, what: str) -> Iterator[tuple[ExportItem, np.ndarray]]:
@@ -71,8 +68,6 @@ class ExportSource:
 
 
 def read_label(path: Path) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
@@ -131,8 +126,6 @@ def place_image(src: Path, dst: Path, how: str) -> None:
 def components(label: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(label index, boolean mask) of each 8-connected component of each label value but the ignore value, in
     label order and then in OpenCV's scan order (top to bottom, left to right, of each component's first pixel)."""
-    import cv2
-
     for value in np.unique(label):
         if value == IGNORE:
             continue

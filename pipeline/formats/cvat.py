@@ -26,7 +26,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from PIL import Image
 
 from pipeline.formats._registry import IGNORE, ExportSource, place_image, register_format
 from pipeline.runfolder import atomic_write_bytes, voc_palette, write_text
@@ -63,8 +65,6 @@ def object_map(label: np.ndarray, background: bool) -> np.ndarray:
     :data:`MAX_OBJECTS` keeps an index per component for the largest ones and merges the rest per label value into
     one object each, so that every pixel but the background's keeps an object, and with it its label, through
     CVAT's reader. Raises ValueError when the image has more label values than indices."""
-    import cv2
-
     parts = []  # (area, label value, component number within the value)
     comps = {}
     for value in np.unique(label).tolist():
@@ -101,8 +101,6 @@ def object_map(label: np.ndarray, background: bool) -> np.ndarray:
 
 
 def _png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
-    from PIL import Image
-
     im = Image.fromarray(array, mode="P" if palette else None)
     if palette:
         im.putpalette(palette)

@@ -20,7 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import yaml
 
 from pipeline.formats._registry import ExportSource, components, place_image, register_format
 from pipeline.runfolder import write_text
@@ -29,8 +31,6 @@ from pipeline.runfolder import write_text
 def polygon(mask: np.ndarray) -> np.ndarray | None:
     """The outer contour of a connected binary mask as an [N, 2] array of (x, y) pixel centres, or None when it
     has fewer than 3 points or encloses no area."""
-    import cv2
-
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
@@ -56,8 +56,6 @@ def label_lines(source: ExportSource, label: np.ndarray) -> list[str]:
 
 
 def data_yaml(root: Path, source: ExportSource) -> str:
-    import yaml
-
     names = dict(enumerate(source.classes))
     return yaml.safe_dump({"path": str(root.resolve()), "train": "images/train", "val": "images/train",
                            "names": names}, sort_keys=False, allow_unicode=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pipeline.maps import acol as _acol  # noqa: F401  (registers the methods)
 from pipeline.maps import cam as _cam  # noqa: F401
+from pipeline.maps import class_model as _class_model  # noqa: F401  (a visualisation: get_map_method names it)
 from pipeline.maps import gradients as _gradients  # noqa: F401
 from pipeline.maps import scorecam as _scorecam  # noqa: F401
 from pipeline.maps._registry import MAP_METHODS, MapMethod, configured_method, get_map_method, register_map

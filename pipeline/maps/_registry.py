@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.maps._visualizations import VISUALIZATIONS
 from pipeline.registry import Registry
 
 MapMethod = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,12 +24,9 @@ register_map = MAP_METHODS.register
 def get_map_method(name: str) -> MapMethod:
     """The map method ``name``; an unknown name is a ``ConfigError`` naming ``maps.methods``, which for a
     run-once visualisation says where it goes instead."""
-    if name not in MAP_METHODS:
-        from pipeline.maps.visualize import VISUALIZATIONS
-
-        if name in VISUALIZATIONS:
-            raise ConfigError(f"config key 'maps.methods': {name!r} is a run-once visualisation, not a map method; "
-                              "move it to maps.visualizations")
+    if name not in MAP_METHODS and name in VISUALIZATIONS:  # filled by class_model, which pipeline.maps imports
+        raise ConfigError(f"config key 'maps.methods': {name!r} is a run-once visualisation, not a map method; "
+                          "move it to maps.visualizations")
     return MAP_METHODS.get(name)
 
 

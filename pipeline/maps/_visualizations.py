@@ -1,6 +1,7 @@
 """The registry of the run-once visualisations, in a module of its own: a visualisation's module (``class_model``)
-imports it to register itself, and ``pipeline.maps.visualize`` imports that module, so the imports point one way.
-The contract of a visualisation is in ``pipeline/maps/visualize.py``."""
+imports it to register itself, and ``pipeline.maps`` and ``pipeline.maps.visualize`` import that module, so the
+imports point one way; the map-method registry (``_registry.py``) reads it to name a visualisation put among the map
+methods. The contract of a visualisation is in ``pipeline/maps/visualize.py``."""
 
 from __future__ import annotations
 

@@ -19,9 +19,12 @@ from tqdm import tqdm
 
 from pipeline.config import MapsConfig, RayConfig
 from pipeline.data import Sample, SegDataset, read_image
+from pipeline.device import resolve_device
+from pipeline.executors import ray_actors
 from pipeline.maps import configured_method
 from pipeline.maps.inference import multiscale_maps, to_tensor
 from pipeline.maps.io import save_maps
+from pipeline.models import load_classifier
 from pipeline.models.fold import inference_copy
 
 
@@ -71,9 +74,6 @@ def map_worker(ckpt_path: str, cfg: MapsConfig, num_classes: int, device_name: s
                threads: int) -> Callable[[MapJob], list[tuple[str, np.ndarray]]]:
     """The per-image function of a Ray actor of ``maps.executor: ray``: the classifier loaded once, on the
     actor's own device (``device_name`` resolved there), with ``threads`` torch threads."""
-    from pipeline.device import resolve_device
-    from pipeline.models import load_classifier
-
     torch.set_num_threads(max(1, threads))
     device = resolve_device(device_name)
     net, ckpt = load_classifier(Path(ckpt_path), device)
@@ -89,8 +89,6 @@ def generate_maps(net: nn.Module, ckpt: dict[str, Any], ds: SegDataset, cfg: Map
     ``device_name`` (resolved where each actor runs), as ``ray`` says."""
     jobs = map_jobs(ds, cfg, out_root, skip_existing, suffix)
     if cfg.executor == "ray":
-        from pipeline.executors import ray_actors
-
         if ckpt_path is None:
             raise ValueError("maps.executor ray needs the checkpoint's path")
         rc = ray or RayConfig()

@@ -43,8 +43,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.data import IGNORE, read_image
+from pipeline.device import autocast
+from pipeline.errors import DataError
+from pipeline.maps.io import load_maps
+from pipeline.maps.scorecam import probability_fn
+from pipeline.models.fold import inference_copy
 
 Base = Literal["black", "blur"]
 # On CPU a forward takes at most this many pixels (16 images of 128 x 128, 3 of 320 x 213): larger batches are
@@ -160,8 +166,6 @@ class Probe:
         if steps < 1 or batch < 1:
             raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
         if probability is None:
-            from pipeline.maps.scorecam import probability_fn
-
             probability = probability_fn(model, "auto")
         self.model, self.prob, self.fast = model, probability, fast
         self.steps, self.batch = steps, batch
@@ -173,12 +177,8 @@ class Probe:
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        from pipeline.device import autocast
-
         x = (pixels - self.mean) / self.std
         if self._forward is None:
-            from pipeline.models.fold import inference_copy
-
             self._forward = inference_copy(self.model, x[:1])
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -293,11 +293,6 @@ def score_maps(model: nn.Module, ckpt: dict[str, Any], ds, samples: list, gts: d
     ``maps_root/<method>/<id>.npz``, on the images ``samples`` of ``ds`` through the classifier ``model``
     (``ckpt``: its checkpoint, for the input normalisation), with the energy pointing game where ``gts`` has the
     image's GT mask. ``cfg``: ``evaluate.faithfulness`` (:data:`PROBE_OPTIONS` and ``batch``)."""
-    from tqdm import tqdm
-
-    from pipeline.errors import DataError
-    from pipeline.maps.io import load_maps
-
     device = next(iter(model.parameters())).device
     probe = Probe(model, ckpt["mean"], ckpt["std"], fast=True, batch=cfg.batch,
                   **{k: getattr(cfg, k) for k in PROBE_OPTIONS})

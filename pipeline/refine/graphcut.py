@@ -1,7 +1,7 @@
 """GraphCut refiner: GrabCut-style colour segmentation seeded by class maps, after Simonyan et al. 2014
 ("Deep Inside Convolutional Networks: Visualising Image Classification Models and Saliency Maps",
 section 3.1: foreground / background colour GMMs from the most / least salient pixels, then GraphCut).
-Works from any class map (CAM, saliency, ...). ``cv2`` is imported inside the functions.
+Works from any class map (CAM, saliency, ...).
 
 One cut per present class ``c`` with map ``m``; its initial mask:
 - ``GC_FGD`` (sure foreground seeds): ``m >= quantile(m, fg_quantile)``, ``m > 0``, and ``c`` is the
@@ -27,6 +27,7 @@ Combining the cuts:
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from pipeline.config import GraphCutConfig, RefineConfig
@@ -39,8 +40,6 @@ _MIN_SAMPLES = 16  # pixels needed on each side of the initial mask to fit a 5-c
 
 def grabcut_mask(maps: np.ndarray, k: int, background: bool, cfg: GraphCutConfig) -> np.ndarray:
     """The initial GrabCut mask [H,W] uint8 (cv2.GC_* values) of the cut for class row ``k`` of ``maps``."""
-    import cv2
-
     m = maps[k]
     best = maps.argmax(0) == k
     hi, lo = np.quantile(m, [cfg.fg_quantile, cfg.bg_quantile])
@@ -54,8 +53,6 @@ def grabcut_mask(maps: np.ndarray, k: int, background: bool, cfg: GraphCutConfig
 
 def grabcut_claim(image: np.ndarray, mask: np.ndarray, iterations: int) -> np.ndarray:
     """bool [H,W]: the pixels GrabCut, started from ``mask`` (cv2.GC_* values), ends with as foreground."""
-    import cv2
-
     fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     n_fg = int(fg.sum())
     if n_fg < _MIN_SAMPLES or mask.size - n_fg < _MIN_SAMPLES:

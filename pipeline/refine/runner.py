@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline.config import RayConfig, RefineConfig
 from pipeline.data import SegDataset, read_image
 from pipeline.errors import DataError
+from pipeline.executors import ray_tasks
 from pipeline.maps.io import load_maps
 from pipeline.refine import get_refiner
 from pipeline.runfolder import save_label_png
@@ -87,8 +88,6 @@ def refine_split(refiner: str, ds: SegDataset, maps_dir: Path, out_dir: Path, cf
     workers = min(resolve_workers(cfg.workers), max(1, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"refine {refiner}", leave=False)
     if cfg.executor == "ray":
-        from pipeline.executors import ray_tasks
-
         for job, label in ray_tasks(refine_label, jobs, ray or RayConfig(), "refine.executor"):
             save_label_png(job.out_path, label)
             bar.update()

@@ -48,13 +48,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.config import RefineConfig, SamConfig
+from pipeline.data import read_image
 from pipeline.data.dataset import IGNORE
+from pipeline.device import autocast, resolve_device
 from pipeline.errors import ConfigError, DataError, UserError, first_line
 from pipeline.refine._registry import get_refiner, register_refiner
 from pipeline.refiner_names import SAM_PACKAGED
+from pipeline.runfolder import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +92,9 @@ class SamModel:
 
     def preprocess(self, image: np.ndarray):
         """HxWx3 uint8 -> float32 tensor [3, S, S], zero padded at the bottom and right."""
-        import torch
-
         s = self.image_size
         nh, nw = self.input_shape(*image.shape[:2])
         if self.kind == "lite_medsam":
-            import cv2
-
             x = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA).astype(np.float32)
             x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
             out = torch.zeros(3, s, s)
@@ -111,9 +114,6 @@ class SamModel:
                points: np.ndarray | None, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
         """Masks of the prompts: boxes [N,4] (x0,y0,x1,y1) and points [N,2] (x,y) or None, in image pixels ->
         (masks bool [N, M, H, W], predicted IoU float [N, M]), M = 3 with ``multimask`` else 1."""
-        import torch
-        import torch.nn.functional as F
-
         (nh, nw), (h, w) = input_hw, image_hw
         scale = np.array([nw / w, nh / h], np.float32)
         dev = self.device
@@ -138,8 +138,6 @@ class SamModel:
 def one_thread() -> Iterator[None]:
     """Torch on one thread inside (restored after): the per-image work gives the same floats in a pool worker (one
     thread, ``pipeline.workers.init_worker``), in the main process and on Ray."""
-    import torch
-
     n = torch.get_num_threads()
     if n != 1:
         torch.set_num_threads(1)
@@ -170,8 +168,6 @@ def _file_tag(path: Path) -> str:
 
 
 def _state_dict(path: Path) -> dict:
-    import torch
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, another format, a pickle of arbitrary objects
@@ -252,8 +248,6 @@ def cache_file(stem: Path, model: SamModel) -> Path:
 
 
 def _read_cache(path: Path, image_hw: tuple[int, int]) -> Any | None:
-    import torch
-
     if not path.is_file():
         return None
     try:
@@ -267,15 +261,11 @@ def _read_cache(path: Path, image_hw: tuple[int, int]) -> Any | None:
 
 
 def _store(path: Path, embedding, image_hw: tuple[int, int]) -> None:
-    from pipeline.runfolder import save_torch
-
     save_torch(path, {"embedding": embedding.clone(), "image_hw": list(image_hw)})
 
 
 def embedding(image: np.ndarray, model: SamModel, cache: Path | None):
     """The image's embedding [1, 256, s, s] (float32 from float16): from the cache, else encoded (and cached)."""
-    import torch
-
     hw = image.shape[:2]
     path = cache_file(cache, model) if cache is not None else None
     emb = _read_cache(path, hw) if path is not None else None
@@ -290,12 +280,6 @@ def embedding(image: np.ndarray, model: SamModel, cache: Path | None):
 def encode_images(images: list[Path], caches: list[Path], cfg: RefineConfig, device: str) -> None:
     """The prepare pass: encode the images whose cache is missing, ``refine.sam.batch_size`` at a time, on
     ``device`` (bf16 autocast on CUDA), and write their caches."""
-    import torch
-    from tqdm import tqdm
-
-    from pipeline.data import read_image
-    from pipeline.device import autocast, resolve_device
-
     dev = resolve_device(device)
     model = load_model(cfg.sam, dev)
     todo = [(p, cache_file(c, model)) for p, c in zip(images, caches, strict=True)
@@ -322,8 +306,6 @@ def encode_images(images: list[Path], caches: list[Path], cfg: RefineConfig, dev
 def class_prompts(m: np.ndarray, s: SamConfig) -> tuple[np.ndarray, np.ndarray]:
     """One class map [H,W] -> (boxes [N,4] x0,y0,x1,y1 and peaks [N,2] x,y, in pixels): one per connected
     component of ``m >= threshold * max(m)``, the largest first."""
-    import cv2
-
     h, w = m.shape
     top = float(m.max())
     if top <= 0:
@@ -401,7 +383,6 @@ def automatic_labels(masks: Sequence[np.ndarray], fallback: np.ndarray, s: SamCo
 
 def generate_masks(model: SamModel, image: np.ndarray, emb, s: SamConfig) -> list[np.ndarray]:
     """Segment Anything's automatic mask generator on the image, its encoder replaced by the embedding ``emb``."""
-    import torch
     from segment_anything import SamAutomaticMaskGenerator
 
     gen = SamAutomaticMaskGenerator(model.net, points_per_side=s.points_per_side, pred_iou_thresh=s.pred_iou_thresh,

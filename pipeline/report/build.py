@@ -13,8 +13,11 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.report.figures as fg
+from pipeline.data import read_image, read_mask, spread
+from pipeline.errors import DataError, UserError
+from pipeline.maps.io import load_maps
 from pipeline.refine import label_sets
-from pipeline.report import figures as fg
 from pipeline.report.confidence import confidence_section
 from pipeline.report.html import (
     cards,
@@ -296,10 +299,6 @@ class ReportBuilder:
 
     # --------------------------------------------------------------------------------------- samples
     def samples(self) -> str:
-        from pipeline.data import read_image, read_mask, spread
-        from pipeline.errors import DataError
-        from pipeline.maps.io import load_maps
-
         ds, opts = self.ds, self.opts
         methods = [m for m in self.methods if (self.run / "maps" / m).is_dir()]
         refiners = [r for r in self.refiners if (self.run / "refined" / r).is_dir()]
@@ -407,8 +406,6 @@ class ReportBuilder:
 
 def build_report(cfg, ds) -> str:
     """report.html for the run of ``cfg`` (its metrics.json must exist), ``ds`` the maps' images."""
-    from pipeline.errors import UserError
-
     path = Path(cfg.run_path) / "metrics.json"
     metrics = _json(path)
     if not isinstance(metrics, dict):

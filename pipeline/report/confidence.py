@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.report.figures as fg
 from pipeline.confidence import NOISE, read_confidence, review_order
 from pipeline.data import read_image, read_mask
-from pipeline.report import figures as fg
 from pipeline.report.html import cards, e, fmt, grid, img, note, num, swatch, table
 
 DISAGREE = np.array([230, 40, 40], np.float32)  # pixels where another label set gives another label

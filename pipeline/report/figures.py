@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.plots import faithfulness_curves_figure
 from pipeline.report.html import data_uri
 from pipeline.runfolder import voc_palette
 
@@ -111,8 +112,6 @@ def cooccurrence_plot(classes: list[str], conditional: list[list[float | None]])
 def faithfulness_plot(results: dict[str, dict[str, Any]]) -> str | None:
     if not any(r.get("curves") for r in results.values()):
         return None
-    from pipeline.plots import faithfulness_curves_figure
-
     return png_uri(faithfulness_curves_figure(results))
 
 

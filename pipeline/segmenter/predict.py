@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -30,6 +31,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.maps import chunks
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models.fold import inference_copy
+from pipeline.refine.crf import crf_posterior
 from pipeline.runfolder import atomic_write_bytes, save_label_png, voc_palette, write_json
 
 
@@ -85,8 +87,6 @@ class Predictor:
         """uint8 labels [H,W] in the label index space; with the CRF when ``crf`` (default: if configured)."""
         probs = self.probs(image) if probs is None else probs
         if (self.crf is not None) if crf is None else crf:
-            from pipeline.refine.crf import crf_posterior
-
             probs = crf_posterior(probs, image, self.crf or CRFConfig())
         return probs.argmax(0).astype(np.uint8)
 
@@ -134,8 +134,6 @@ def image_files(folder: Path) -> list[Path]:
 def predict_folder(predictor: Predictor, label_names: list[str], images: Path, out: Path) -> int:
     """Write ``out/masks/<stem>.png`` (palette PNG, label index space) and ``out/overlays/<stem>.jpg`` for every
     image of ``images``, and ``out/legend.json`` (label index -> name and colour). Returns the image count."""
-    from PIL import Image
-
     files = image_files(images)
     palette = np.asarray(voc_palette()).reshape(-1, 3)
     write_json(Path(out) / "legend.json", {str(k): {"name": n, "rgb": palette[k].tolist()}
