@@ -133,6 +133,27 @@ def test_report_shows_a_segmenter_only_when_metrics_has_one(small_run, tmp_path)
     assert "<th>segmenter (val)</th>" in html and "<th>segmenter_gt (val)</th>" in html  # per-class IoU columns
 
 
+def test_report_shows_the_salient_objects_and_the_things_reading(small_run, tmp_path):
+    """saliency.enabled on the small run: the saliency stage, then refine through the prior, write saliency/ and
+    things.json; the report shows a salient-objects column in Samples and the reading in the labels section."""
+    run, path = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    over = ["--set", f"run_dir={copy}", "saliency.enabled=true"]
+    for stage in ("saliency", "refine"):
+        assert main([stage, "--config", str(path), *over]) == 0, stage
+    cfg = load_config(path, {"run_dir": str(copy), "saliency.enabled": True})
+    things = json.loads((copy / "things.json").read_text())
+    assert list(things) == maps_dataset(cfg).classes
+    html = build_report(cfg, maps_dataset(cfg))
+    samples = html.split('<section id="samples">')[1].split("</section>")[0]
+    assert "<th>salient objects</th>" in samples and samples.count("salient objects</") == 1
+    labels = html.split('<section id="labels">')[1].split("</section>")[0]
+    assert "things.json" in labels
+    for c, v in things.items():  # one row per class: its reading and its share of pairings won
+        assert f'<td class="k">{c}</td><td>{v["kind"]}</td><td class="n">{v["win_rate"]:.2f}</td>' in labels
+
+
 def test_report_warns_of_unreliable_classes_and_shows_iou_beside_confidence(small_run, tmp_path):
     run, path = small_run
     copy = tmp_path / "run"
