@@ -34,10 +34,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Refinement images/s (bench/refine.json), then the map methods against their peer libraries
-# (bench/results.json); e.g. BENCH_MAPS_ARGS='--threads 1' on a CPU that other jobs share.
+# Refinement images/s (bench/refine.json), the salient-object maps against onnxruntime (bench/saliency.json), then the
+# map methods against their peer libraries (bench/results.json); e.g. BENCH_MAPS_ARGS='--threads 1' on a CPU that
+# other jobs share.
 bench: install
 	$(PY) -m bench.bench_refine
+	$(PY) -m bench.bench_saliency
 	$(PY) -m bench.bench_maps $(BENCH_MAPS_ARGS)
 
 # Data-parallel training of the classifier or the segmenter on NPROC processes (GPUs, or CPU with gloo);
