@@ -10,7 +10,7 @@ from pipeline.executors import executor_session
 from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log
+from stages.common import log, refiner_inputs
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -19,8 +19,10 @@ def run(cfg: Config, force: bool = False) -> None:
         return  # one process refines (refine.executor: ray spreads the images over machines)
     for name in r.refiners:
         get_refiner(name)
-    fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"))
-    stage = Stage(run_dir, "refine", fp)
+    maps = stage_fingerprint(run_dir, "make_maps", r.method)
+    # each refiner's label set is a part: what affinity, decouple and export read of them differs
+    parts = {name: fingerprint(name, r.method, refiner_inputs(cfg, [name]), maps) for name in r.refiners}
+    stage = Stage(run_dir, "refine", fingerprint(r.method, maps), parts)
     if stage.is_done() and not force:
         log.info("refine: up to date, skipped")
         return
