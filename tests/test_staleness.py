@@ -181,6 +181,8 @@ ROWS = [
     (after({"decouple.enabled": False}, {"decouple.epochs": 2}), set()),  # no round reads no round option
     (after({"decouple.context": 0.95}, {"decouple.paste_prob": 0.2}), set()),
     ({"affinity.beta": 8.0}, from_("affinity")),
+    # the round refines its maps with refine.refiners now; the exported set (crf) is the same
+    (after({"export.refiner": "crf"}, {"affinity.enabled": False}), {"decouple", "export"} | SCORED),
     ({"affinity.refiners": ["graphcut", "crf"]}, from_("affinity")),
     ({"refine.threshold.fg": 0.5}, {"refine", "export"} | SCORED),  # a set that only export's confidence reads
     ({"refine.refiners": ["crf", "graphcut"]}, {"refine", "export"} | SCORED),
