@@ -195,6 +195,7 @@ ROWS = [
     ({"maps.smoothgrad.n": 4, "maps.scorecam.chunk": 8}, set()),  # options of methods not in maps.methods
     ({"maps.visualizations": ["class_model"], "maps.class_model.steps": 2}, {"make_maps"} | SCORED),
     ({"maps.flip": True}, from_("make_maps")),
+    ({"maps.limit": 20}, from_("make_maps") | {"train_segmenter_gt"}),  # the images: the twin trains on them too
     ({"classifier.lr": 0.002}, from_("train_classifier")),
     ({"classifier.acol.delta": 0.5}, set()),  # options of a model not used
     ({"classifier.workers": 1}, set()),
