@@ -65,6 +65,13 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Before any process group exists: torch.distributed.nn.functional binds ``group=group.WORLD`` as the default
+# argument of its functions when it is imported, and DDP's first construction imports it (through
+# torch._dynamo). Imported after init_process_group, it would hold the world group for good: destroy_process_group
+# would leave its gloo threads running, and the group would be torn down during interpreter shutdown, where gloo
+# can abort the process ("terminate called without an active exception") after its work is done.
+import torch.distributed.nn  # noqa: F401
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -348,7 +355,9 @@ class DistContext:
 
     def close(self) -> None:
         """Leave the process group, if this context joined it, once every rank is here (a rank that left
-        while another still worked, e.g. rank 0 saving the checkpoint, could abort in gloo's teardown)."""
+        while another still worked, e.g. rank 0 saving the checkpoint, could abort in gloo's teardown). The group
+        is destroyed here, its threads ended, while the interpreter is whole (see the import of
+        torch.distributed.nn above)."""
         if self._owns_group and dist.is_initialized():
             try:
                 self.barrier()

@@ -22,9 +22,6 @@ refiner on the affinity stage's walked maps (``<refiner>_rw``) before any on the
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -149,14 +146,6 @@ def _place_image(src: Path, dst: Path, shape: tuple[int, int], images: str) -> N
 
 
 FORMAT_MARKER = "export.json"  # in exports/<format>/: the fingerprint of the VOC export it was written from
-
-
-def voc_section_hash(cfg: Any) -> str:
-    """The hash of the ``export`` section without ``formats``, which changes the other formats only: it equals
-    ``cfg.section_hash("export")`` of a config from before ``export.formats`` existed, so adding the key re-exports
-    nothing, and the segmenter (whose fingerprint holds the export's) is not retrained for a new format."""
-    section = {k: v for k, v in dataclasses.asdict(cfg.export).items() if k != "formats"}
-    return hashlib.sha256(json.dumps({"export": section}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def formats_to_write(exports_dir: Path, formats: list[str], fp: str, force: bool = False) -> list[str]:

@@ -9,6 +9,10 @@ per-item outputs already written, a rerun with another fingerprint starts that s
 The stages after a stage take its recorded identity as an input. A first run's identity is its fingerprint, so
 the same config and inputs give the same identities in any run folder. A stage redone over its own finished
 outputs (``--force``) gets a new identity, so that every stage that read those outputs becomes stale too.
+A stage whose outputs later stages read apart (one map method's maps, one refiner's label set) records an identity
+for each such part too, made the same way from the inputs of that part alone: a later stage that reads one part
+takes that part's identity, and a change to another part leaves it current. An input of outputs that no later
+stage reads (``export.images``: links or copies) makes the stage stale and leaves its identities alone.
 """
 
 from __future__ import annotations
@@ -135,11 +139,25 @@ def files_fingerprint(paths: Iterable[Path]) -> str:
     return fingerprint(entries)
 
 
-class Stage:
-    """Bookkeeping of one stage in a run folder: skip when done, resume when partial, time it."""
+def _made_from(identity: str | None) -> str | None:
+    """The fingerprint an identity was made from (an identity is a fingerprint, ``<fingerprint>.<token>`` when
+    redone)."""
+    return identity.split(".", 1)[0] if identity else None
 
-    def __init__(self, run: Path, name: str, fp: str):
-        self.run, self.name, self.fp = Path(run), name, fp
+
+class Stage:
+    """Bookkeeping of one stage in a run folder: skip when done, resume when partial, time it.
+
+    ``fp``: the fingerprint of the stage's inputs. ``parts``: part name -> the fingerprint of the inputs of that part
+    of its outputs, for parts that later stages read apart (each gets an identity of its own; ``fp`` need not repeat
+    them). ``local``: inputs of outputs that no later stage reads; they make the stage stale and are left out of
+    its identities. ``self.fp`` is the whole: the fingerprint that ``<stage>.done.json`` records."""
+
+    def __init__(self, run: Path, name: str, fp: str, parts: dict[str, str] | None = None, local: Any = None):
+        self.run, self.name = Path(run), name
+        self.parts = dict(parts or {})
+        self.base = fingerprint(fp, self.parts) if self.parts else fp  # what the stage's identity is made from
+        self.fp = fingerprint(self.base, local) if local is not None else self.base
         self.done_path = self.run / f"{name}.done.json"
         self.partial_path = self.run / f"{name}.partial.json"
 
@@ -160,17 +178,25 @@ class Stage:
         Starting afresh removes the stage's previous per-item outputs (``outputs``: folders) and
         marker, so nothing stale survives. ``fresh`` (``--force``) never resumes. Either way, the temp
         files of a killed run are removed: every finished file was renamed into place, so none is lost.
+
+        Identities: a resumed run keeps those it began with. A run redoing outputs that later stages may have read
+        (over the finished outputs of the same inputs, with ``fresh`` over outputs of the same identity-making
+        inputs, or after such a redo was interrupted) gets a new token on every identity. Any other run gives each
+        identity whose inputs are unchanged the one it had (a rerun for another part or a ``local`` input), and
+        each other its fingerprint.
         """
         done, partial = self._record(self.done_path), self._record(self.partial_path)
-        partial_identity = partial.get("identity", self.fp) if partial.get("fingerprint") == self.fp else None
+        partial_identity = partial.get("identity", self.base) if partial.get("fingerprint") == self.fp else None
         resuming = partial_identity is not None and not fresh
+        previous = partial if resuming else done or partial
         if resuming:
-            self.identity = partial_identity
-        elif done.get("fingerprint") == self.fp or partial_identity not in (None, self.fp):
-            # redoing outputs that later stages may have read (finished before, or an earlier redo interrupted)
-            self.identity = f"{self.fp}.{secrets.token_hex(4)}"
+            token = None  # the identities recorded when it began, all made from these fingerprints
+        elif (done.get("fingerprint") == self.fp or partial_identity not in (None, self.base)
+              or fresh and _made_from(previous.get("identity", previous.get("fingerprint"))) == self.base):
+            token = secrets.token_hex(4)  # redoing outputs that later stages may have read
         else:
-            self.identity = self.fp
+            token = None
+        self.identity, self.part_identities = self._identities(token, previous)
         self.done_path.unlink(missing_ok=True)
         remove_temp_files(self.run)
         if not resuming:
@@ -179,25 +205,43 @@ class Stage:
                     shutil.rmtree(out)
                 else:
                     out.unlink(missing_ok=True)
-            write_json(self.partial_path, {"fingerprint": self.fp, "identity": self.identity})
+            write_json(self.partial_path, {"fingerprint": self.fp, "identity": self.identity,
+                                           **({"parts": self.part_identities} if self.parts else {})})
         self._t0 = time.perf_counter()
         return resuming
+
+    def _identities(self, token: str | None, previous: dict) -> tuple[str, dict[str, str]]:
+        """The stage's identity and its parts': ``<fingerprint>.<token>`` with a token, else the identity recorded
+        in ``previous`` where it was made from the same fingerprint, else the fingerprint."""
+        def one(fp: str, before: str | None) -> str:
+            if token:
+                return f"{fp}.{token}"
+            return before if before and _made_from(before) == fp else fp
+
+        before = previous.get("parts") or {}
+        return (one(self.base, previous.get("identity", previous.get("fingerprint"))),
+                {part: one(fp, before.get(part)) for part, fp in self.parts.items()})
 
     def finish(self, **info: Any) -> None:
         elapsed = time.perf_counter() - self._t0
         identity = {} if self.identity == self.fp else {"identity": self.identity}
-        write_json(self.done_path, {"fingerprint": self.fp, **identity, "seconds": round(elapsed, 2), **info})
+        parts = {"parts": self.part_identities} if self.parts else {}
+        write_json(self.done_path, {"fingerprint": self.fp, **identity, **parts, "seconds": round(elapsed, 2),
+                                    **info})
         self.partial_path.unlink(missing_ok=True)
 
 
-def stage_fingerprint(run: Path, name: str) -> str | None:
+def stage_fingerprint(run: Path, name: str, part: str | None = None) -> str | None:
     """The recorded identity of a finished stage, an input of the stages after it: its fingerprint, with a
-    token added when it was redone over its own outputs. None when the stage has not finished."""
+    token added when it was redone over its own outputs. With ``part``, the identity of that part of its outputs
+    (the stage's own where it recorded none: a marker from before it had parts). None when the stage has not
+    finished."""
     p = Path(run) / f"{name}.done.json"
     if not p.exists():
         return None
     rec = read_json(p)
-    return rec.get("identity", rec.get("fingerprint"))
+    identity = rec.get("identity", rec.get("fingerprint"))
+    return identity if part is None else (rec.get("parts") or {}).get(part, identity)
 
 
 def stage_seconds(run: Path) -> dict[str, float]:

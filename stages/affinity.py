@@ -15,7 +15,7 @@ from pipeline.refine.affinity import collect, train_head, walk_maps
 from pipeline.refine.runner import refine_split
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint
 from pipeline.saliency import run_prior
-from stages.common import log
+from stages.common import log, refiner_inputs, section_inputs
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -24,8 +24,11 @@ def run(cfg: Config, force: bool = False) -> None:
         return
     for name in a.refiners:
         get_refiner(name, "affinity.refiners")
-    fp = fingerprint(cfg.section_hash("affinity"), stage_fingerprint(run_dir, "refine"))
-    stage = Stage(run_dir, "affinity", fp)
+    # the head and the walk: from the label sets of labels_from (each refines refine.method's maps)
+    walk = fingerprint(section_inputs(cfg, "affinity", drop=("refiners",)), cfg.seed,
+                       [stage_fingerprint(run_dir, "refine", name) for name in a.labels_from])
+    parts = {name + SUFFIX: fingerprint(name, refiner_inputs(cfg, [name]), walk) for name in a.refiners}
+    stage = Stage(run_dir, "affinity", walk, parts)
     if stage.is_done() and not force:
         log.info("affinity: up to date, skipped")
         return

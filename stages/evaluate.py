@@ -30,7 +30,7 @@ from pipeline.runfolder import (
 )
 from pipeline.segmenter.predict import checked_scales
 from pipeline.stage_names import upstream_markers
-from stages.common import log, masks_fingerprint
+from stages.common import log, masks_fingerprint, refiner_inputs, section_inputs
 from stages.faithfulness import faithfulness_of_run
 
 UPSTREAM = upstream_markers("evaluate")  # every stage before this one, the segmenters' sub-stages too
@@ -39,9 +39,8 @@ UPSTREAM = upstream_markers("evaluate")  # every stage before this one, the segm
 def run(cfg: Config, force: bool = False) -> None:
     run_dir = cfg.run_path
     ds = maps_dataset(cfg)
-    fp = fingerprint(cfg.section_hash("evaluate", "segmenter"), [stage_fingerprint(run_dir, s) for s in UPSTREAM],
-                     masks_fingerprint(ds))
-    stage = Stage(run_dir, "evaluate", fp)
+    stage = Stage(run_dir, "evaluate", fingerprint(_own_inputs(cfg), [stage_fingerprint(run_dir, s) for s in UPSTREAM],
+                                                   masks_fingerprint(ds)))
     if stage.is_done() and not force:
         log.info("evaluate: up to date, skipped\n%s", format_table(read_json(run_dir / "metrics.json")))
         return
@@ -84,6 +83,17 @@ def run(cfg: Config, force: bool = False) -> None:
     write_text(run_dir / "per_class.md", format_per_class(metrics))
     log.info("evaluate: %s\n%s", run_dir / "metrics.json", format_table(metrics))
     stage.finish()
+
+
+def _own_inputs(cfg: Config) -> dict:
+    """The config keys evaluate reads itself: its own (the faithfulness options where it is on) and how the
+    segmenters predict (refine.crf's kernels with segmenter.crf); what made the outputs it scores is in the
+    identities of the stages before it."""
+    s = cfg.segmenter
+    predict = {k: getattr(s, k) for k in ("enabled", "masks", "upper_bound", "crf", "flip_test", "test_scales")}
+    crf = refiner_inputs(cfg, ["crf"]) if s.enabled and s.crf else None
+    return {"evaluate": section_inputs(cfg, "evaluate", ["faithfulness"] if cfg.evaluate.faithfulness.enabled else []),
+            "segmenter": predict if s.enabled else {"enabled": False}, "crf": crf}
 
 
 def _segmenter_metrics(cfg: Config) -> dict | None:

@@ -4,40 +4,35 @@
 export, which they leave alone): adding one writes just that one, and each format's folder records the
 fingerprint of the VOC export it came from (``pipeline.export.FORMAT_MARKER``). The manifest gets each image's
 confidence (``pipeline.confidence``); masks a person corrected (``<run>/corrections/``, ``wsss import-masks``) are
-exported instead of the refined ones, and are an input of the stage."""
+exported instead of the refined ones, and are an input of the stage. The masks are a part of their own (the
+segmenter reads them alone), and ``export.images`` (links or copies) redoes the export but no later stage."""
 
 from __future__ import annotations
 
 from pipeline.confidence import run_confidence
 from pipeline.config import Config
 from pipeline.data import maps_dataset
-from pipeline.export import (
-    export_pseudo_masks,
-    export_refiner,
-    formats_to_write,
-    voc_section_hash,
-    write_formats,
-)
+from pipeline.export import export_pseudo_masks, export_refiner, formats_to_write, write_formats
 from pipeline.refine import label_sets
 from pipeline.review import CORRECTIONS, corrections_fingerprint
-from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import log
+from pipeline.runfolder import Stage, fingerprint
+from stages.common import label_set_identity, log
 
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, e = cfg.run_path, cfg.export
     refined = label_sets(cfg)
     refiner = export_refiner(e.refiner, list(refined))  # checked before anything changes
-    walk = [stage_fingerprint(run_dir, "affinity")] if cfg.affinity.enabled else []
-    fixed = [c] if (c := corrections_fingerprint(run_dir)) else []
-    fp = fingerprint(voc_section_hash(cfg), stage_fingerprint(run_dir, "refine"), *walk,
-                     stage_fingerprint(run_dir, "decouple"), *fixed)
-    stage = Stage(run_dir, "export", fp)
+    sets = {name: label_set_identity(cfg, name) for name in refined}
+    # the masks (what the segmenter reads): the chosen set's, or a person's corrections; the manifest's confidence
+    # reads every set and the threshold; the images (links or copies) are read by no later stage
+    masks = fingerprint(refiner, sets[refiner], corrections_fingerprint(run_dir))
+    stage = Stage(run_dir, "export", fingerprint(sets, cfg.refine.threshold.fg), {"masks": masks}, local=e.images)
     voc_done = stage.is_done() and not force
-    formats = formats_to_write(run_dir / "exports", e.formats, fp, force=not voc_done)
+    formats = formats_to_write(run_dir / "exports", e.formats, stage.fp, force=not voc_done)
     if voc_done:  # the masks are current; other formats may be missing (each has its own marker)
         if formats:
-            _write_formats(run_dir, formats, e.images, fp)
+            _write_formats(run_dir, formats, e.images, stage.fp)
         else:
             log.info("export: up to date, skipped")
         return
@@ -54,7 +49,7 @@ def run(cfg: Config, force: bool = False) -> None:
     c = manifest["confidence"]
     log.info("export: mean confidence %s%s%s", c["mean"], f", {c['corrected']} corrected" if c["corrected"]
              else "", f"; unreliable classes: {', '.join(c['unreliable'])}" if c["unreliable"] else "")
-    _write_formats(run_dir, formats, e.images, fp)
+    _write_formats(run_dir, formats, e.images, stage.fp)
     stage.finish(images=len(list((run_dir / "pseudo_masks" / "SegmentationClass").glob("*.png"))))
 
 

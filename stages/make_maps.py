@@ -15,7 +15,7 @@ from pipeline.maps.generate import generate_maps
 from pipeline.maps.visualize import get_visualization, make_visualizations, visualization_outputs
 from pipeline.models import load_classifier
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
-from stages.common import dataset_fingerprint, log
+from stages.common import data_inputs, dataset_fingerprint, log, map_inputs, section_inputs
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -27,9 +27,11 @@ def run(cfg: Config, force: bool = False) -> None:
     for name in m.visualizations:
         get_visualization(name)
     ds = maps_dataset(cfg)
-    fp = fingerprint(cfg.section_hash("data", "maps"), stage_fingerprint(run_dir, "train_classifier"),
-                     dataset_fingerprint(ds))
-    stage = Stage(run_dir, "make_maps", fp)
+    shared = (data_inputs(cfg), stage_fingerprint(run_dir, "train_classifier"), dataset_fingerprint(ds))
+    # each method's maps are a part: refine reads those of refine.method alone
+    parts = {name: fingerprint(name, map_inputs(cfg, name), *shared) for name in m.methods}
+    visualizations = {name: section_inputs(cfg, "maps", [name]).get(name) for name in m.visualizations}
+    stage = Stage(run_dir, "make_maps", fingerprint(visualizations, *shared), parts)
     if stage.is_done() and not force:
         log.info("make_maps: up to date, skipped")
         return

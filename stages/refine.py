@@ -13,7 +13,7 @@ from pipeline.refine import get_refiner
 from pipeline.refine.runner import refine_split, resolve_workers
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint
 from pipeline.saliency import read_prior
-from stages.common import log
+from stages.common import log, refiner_inputs
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -22,9 +22,12 @@ def run(cfg: Config, force: bool = False) -> None:
         return  # one process refines (refine.executor: ray spreads the images over machines)
     for name in r.refiners:
         get_refiner(name)
+    maps = stage_fingerprint(run_dir, "make_maps", r.method)
+    # the salient-object maps: every label set goes through their prior
     salient = [stage_fingerprint(run_dir, "saliency")] if cfg.saliency.enabled else []
-    fp = fingerprint(cfg.section_hash("refine"), stage_fingerprint(run_dir, "make_maps"), *salient)
-    stage = Stage(run_dir, "refine", fp)
+    # each refiner's label set is a part: what affinity, decouple and export read of them differs
+    parts = {name: fingerprint(name, r.method, refiner_inputs(cfg, [name]), maps, *salient) for name in r.refiners}
+    stage = Stage(run_dir, "refine", fingerprint(r.method, maps, *salient), parts)
     if stage.is_done() and not force:
         log.info("refine: up to date, skipped")
         return

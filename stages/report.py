@@ -6,7 +6,7 @@ from pipeline.config import Config
 from pipeline.data import maps_dataset
 from pipeline.report import build_report, report_path
 from pipeline.runfolder import Stage, fingerprint, stage_fingerprint, write_text
-from stages.common import log
+from stages.common import log, section_inputs
 
 
 def _upstream(run_dir) -> dict[str, str | None]:
@@ -17,7 +17,9 @@ def _upstream(run_dir) -> dict[str, str | None]:
 
 def run(cfg: Config, force: bool = False) -> None:
     run_dir, out = cfg.run_path, report_path(cfg.run_path)
-    stage = Stage(run_dir, "report", fingerprint(cfg.section_hash("report"), _upstream(run_dir)))
+    # what the page shows besides the stages' outputs: the run's name and device, the faithfulness options
+    shown = (cfg.name, cfg.device, section_inputs(cfg, "evaluate", ["faithfulness"])["faithfulness"])
+    stage = Stage(run_dir, "report", fingerprint(section_inputs(cfg, "report"), shown, _upstream(run_dir)))
     if stage.is_done() and out.exists() and not force:
         log.info("report: up to date, skipped: %s", out)
         return

@@ -16,7 +16,7 @@ from pipeline.models import build_classifier, classifier_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, write_json
 from pipeline.train import train_classifier
-from stages.common import dataset_fingerprint, log, weights_fingerprint
+from stages.common import classifier_inputs, data_inputs, dataset_fingerprint, log
 
 
 def run(cfg: Config, force: bool = False) -> None:
@@ -37,8 +37,8 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
         write_json(run_dir / "label_stats.json", {**stats.to_json(), "warnings": [w.to_json() for w in warnings]})
         for w in warnings:
             log.warning("labels: %s", w.message)
-    fp = fingerprint(cfg.section_hash("data", "classifier"), cfg.seed, dataset_fingerprint(train_ds),
-                     dataset_fingerprint(val_ds) if val_ds else None, weights_fingerprint(c.pretrained))
+    fp = fingerprint(data_inputs(cfg), classifier_inputs(cfg), cfg.seed, dataset_fingerprint(train_ds),
+                     dataset_fingerprint(val_ds) if val_ds else None)
     stage = Stage(run_dir, "train_classifier", fp)
     if stage.is_done() and not force:
         log.info("train_classifier: up to date, skipped")

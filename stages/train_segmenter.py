@@ -22,7 +22,7 @@ from pipeline.models.segmenter import build_segmenter, segmenter_state
 from pipeline.plots import plot_training_curves
 from pipeline.runfolder import Stage, fingerprint, save_torch, stage_fingerprint, write_json
 from pipeline.segmenter.train import labelled_samples, train_segmenter
-from stages.common import dataset_fingerprint, log, masks_fingerprint, weights_fingerprint
+from stages.common import data_inputs, dataset_fingerprint, log, masks_fingerprint, section_inputs
 
 # Keys that change how a trained segmenter is used or whether it runs, not its weights.
 NOT_TRAINING = ("enabled", "upper_bound", "crf", "flip_test", "test_scales")
@@ -50,16 +50,16 @@ def _run(cfg: Config, force: bool, ctx: DistContext) -> None:
     s = cfg.segmenter
     ds = maps_dataset(cfg)  # the images that have pseudo-masks, and whose GT the twin trains on
     val = load_dataset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
-    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_TRAINING}
-    common = (training, cfg.section_hash("data"), cfg.seed, weights_fingerprint(s.pretrained),
-              (dataset_fingerprint(val), masks_fingerprint(val)) if val else None)
+    training = section_inputs(cfg, "segmenter", drop=NOT_TRAINING)
+    common = (training, data_inputs(cfg), cfg.seed, (dataset_fingerprint(val), masks_fingerprint(val)) if val else None)
     gt = (lambda: labelled_samples(ds, "GT masks (segmenter.masks: gt)"),
           fingerprint(*common, "gt", dataset_fingerprint(ds), masks_fingerprint(ds)))
     if s.masks == "gt":
         _train(cfg, "segmenter", *gt, ds, val, "gt", force, ctx)
         return
-    _train(cfg, "segmenter", _pseudo_masks(cfg, ds), fingerprint(*common, stage_fingerprint(cfg.run_path, "export")),
-           ds, val, "pseudo", force, ctx)
+    # of the export, the masks alone: the images are read from the dataset (_pseudo_masks)
+    masks = stage_fingerprint(cfg.run_path, "export", "masks")
+    _train(cfg, "segmenter", _pseudo_masks(cfg, ds), fingerprint(*common, masks), ds, val, "pseudo", force, ctx)
     if not s.upper_bound:
         return
     if all(x.mask_path for x in ds.samples):

@@ -10,6 +10,8 @@ BatchNorm+activation layers) in float64, |a - b| / |a| over all the tensors toge
   grows: where a pre-activation lies within float error of 0, the two ReLUs pass different gradients);
 - ``val``, ``val_map_diff``: validation scores of ``shard`` + ``gather_rows`` against scores on the whole set.
 In float64 the figures are bounded by the loss, which the classifier computes in float32 (about 1e-8).
+After ``close()`` each rank writes the names of its threads that belong to gloo to ``OUT.rank<r>`` (none: the
+process group is gone before the interpreter shuts down).
 tests/test_distributed_ddp.py asserts on them.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,6 +106,13 @@ def main(out: str) -> None:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
     ctx.close()
+    Path(f"{out}.rank{ctx.rank}").write_text(json.dumps(gloo_threads()))
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo started (its loop and the process group's workers)."""
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    return sorted(name for name in names if "gloo" in name)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,15 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
+# The subprocesses: one thread each, and this repository's pipeline (a script such as tests/ddp_check.py has its
+# own folder first on its path, not the working directory).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def run(cmd: list[str], log: Path) -> str:
     with log.open("w") as out:  # a file, not a pipe: progress bars would fill a pipe
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
     text = log.read_text()
     assert proc.returncode == 0, text
     return text
@@ -142,6 +147,8 @@ def test_distributed_building_blocks_match_one_process(base):
     assert r["smallcnn/float32/grad"] < 1e-5 and r["smallcnn/float32/uneven"] < 1e-5, r
     assert r["smallcnn/float32/sgd"] < 1e-3, r
     assert r["val"] < 1e-6 and r["val_map_diff"] == 0.0, r
+    # every rank's process group is gone after close(): no gloo thread is left for the interpreter's shutdown
+    assert [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in (0, 1)] == [[], []]
 
 
 @pytest.mark.slow
@@ -191,7 +198,7 @@ def test_ddp_resumes_after_sigkill(base, ddp2):
     log = base / "killed1.log"
     with log.open("w") as out:
         proc = subprocess.Popen(torchrun(2, "-m", "stages.cli", "train_classifier", "--config", str(cfg)), cwd=REPO,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+                                env=ENV, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + TIMEOUT_S
             while not resume.exists():  # rank 0 saved the first epoch

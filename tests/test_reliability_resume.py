@@ -1,14 +1,12 @@
-"""Interruption, determinism and staleness through the real CLI.
+"""Interruption and determinism through the real CLI.
 
 A stage killed midway (SIGINT, as Ctrl-C sends it to the whole process group, or SIGKILL), then run again,
 skips the items it had finished and ends with outputs byte-identical to an uninterrupted run; two runs of
-one config give identical outputs; editing a config section or an input re-runs that stage and the later
-ones, and nothing else.
+one config give identical outputs. Which stages a change makes stale: tests/test_staleness.py.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
@@ -21,22 +19,16 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import on_tiny
-from PIL import Image
 
-from pipeline.models.backbones import create_backbone
-from pipeline.runfolder import Stage, read_json, stage_fingerprint, write_json
+from pipeline.runfolder import read_json, write_json
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "evaluate")
-# The stages by their done markers: train_segmenter trains the segmenter and its GT twin as two sub-stages.
-SUB_STAGES = ("train_classifier", "make_maps", "refine", "export", "train_segmenter", "train_segmenter_gt",
-              "evaluate")
 STAGE_TIMEOUT_S = 180
 # Big enough that each stage runs for a second or more after its first output, so a poll every few
 # milliseconds always catches it midway: 6 epochs, 96 images x 2 scales x flip, 3 refiners.
@@ -267,97 +259,3 @@ def test_deterministic_two_runs_byte_identical(ref):
     pseudo = [k for k in first if k.startswith("pseudo_masks/SegmentationClass/")]
     assert len(pseudo) == N_IMAGES and all(again[k] == first[k] for k in pseudo)
     assert again == first
-
-
-# ------------------------------------------------------------------------------------------ staleness
-
-
-def stages_run(caplog) -> set[str]:
-    skipped = {s for s in SUB_STAGES if f"{s}: up to date, skipped" in caplog.text}
-    caplog.clear()
-    return set(SUB_STAGES) - skipped
-
-
-def touch_pixel(path: Path) -> None:
-    """Edit an image or mask file: one pixel changes (to 255, void in a mask)."""
-    im = Image.open(path)
-    arr = np.array(im)
-    arr[0, 0] = 255
-    edited = Image.fromarray(arr, mode=im.mode)
-    if im.mode == "P":
-        edited.putpalette(im.getpalette())
-    edited.save(path)
-
-
-@pytest.mark.slow
-def test_staleness_an_edit_invalidates_that_stage_and_later_ones_only(tmp_path, caplog):
-    config = copy.deepcopy(CONFIG)
-    config["data"]["synthetic"] = {"n_train": 12, "n_val": 4, "size": 32, "seed": 1}
-    config["classifier"]["epochs"] = 1
-    config["maps"] = {"scales": [1.0], "flip": False}
-    config["refine"] = {"workers": "1", "refiners": ["threshold"]}
-    config["segmenter"]["epochs"] = 1
-    caplog.set_level("INFO")
-
-    def rerun(edits: dict | None = None) -> set[str]:
-        """Apply ``{"section.key": value}`` edits to the config, run every stage, return those that ran."""
-        for dotted, value in (edits or {}).items():
-            *parents, last = dotted.split(".")
-            node = config
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        assert main(["all", "--config", str(write_config(tmp_path, "run", config))]) == 0
-        return stages_run(caplog)
-
-    data = tmp_path / "data"
-    everything, pseudo = set(SUB_STAGES), set(SUB_STAGES) - {"train_segmenter_gt"}  # the GT twin uses no maps
-    assert rerun() == everything
-    assert rerun() == set()
-    assert rerun({"evaluate.sweep": [0.3, 0.5]}) == {"evaluate"}
-    assert rerun({"segmenter.crf": True}) == {"evaluate"}  # post-processing: the same weights, scored anew
-    touch_pixel(data / "SegmentationClass" / "syn_00000.png")  # a train GT mask: the twin's and evaluate's
-    assert rerun() == {"train_segmenter_gt", "evaluate"}
-    assert rerun({"export.images": "copy"}) == {"export", "train_segmenter", "evaluate"}
-    assert rerun({"refine.threshold.fg": 0.5}) == {"refine", "export", "train_segmenter", "evaluate"}
-    assert rerun({"maps.flip": True}) == {"make_maps", "refine", "export", "train_segmenter", "evaluate"}
-    assert rerun({"segmenter.lr": 0.002}) == {"train_segmenter", "train_segmenter_gt", "evaluate"}
-    assert rerun({"classifier.lr": 0.002}) == pseudo
-    touch_pixel(data / "JPEGImages" / "syn_00013.png")  # a val image: val mAP and the segmenters' val mIoU
-    assert rerun() == everything
-    weights = tmp_path / "smallcnn.pt"
-    torch.save(create_backbone("smallcnn").body.state_dict(), weights)
-    assert rerun({"classifier.pretrained": str(weights)}) == pseudo
-    torch.save(create_backbone("smallcnn").body.state_dict(), weights)  # new random weights, same path
-    assert rerun() == pseudo
-    assert rerun() == set()
-
-    def forced(stage: str) -> set[str]:
-        """Redo ``stage`` with --force, then run every stage: those that ran."""
-        assert main([stage, "--config", str(tmp_path / "run.yaml"), "--force"]) == 0
-        caplog.clear()
-        return rerun()
-
-    assert forced("evaluate") == set()
-    assert forced("train_segmenter") == {"evaluate"}
-    assert forced("export") == {"train_segmenter", "evaluate"}  # not the GT twin: it reads no pseudo-mask
-    assert forced("refine") == {"export", "train_segmenter", "evaluate"}
-
-
-def test_a_redone_stage_gets_a_new_identity_and_keeps_it_when_resumed(tmp_path):
-    """A stage's identity, which the stages after it take as an input: its fingerprint on a first run (the same in
-    any run folder); a new one when it is redone over its own outputs, interrupted and resumed or not."""
-    def run(fp: str, fresh: bool = False, finish: bool = True) -> str | None:
-        stage = Stage(tmp_path, "a", fp)
-        stage.begin(fresh=fresh)
-        if finish:
-            stage.finish()
-        return stage_fingerprint(tmp_path, "a")
-
-    assert run("fp1") == "fp1"
-    first_redo = run("fp1", fresh=True)
-    assert first_redo.startswith("fp1.") and run("fp1", fresh=True) not in {"fp1", first_redo}
-    assert run("fp1", fresh=True, finish=False) is None  # --force, interrupted
-    resumed = run("fp1")
-    assert resumed.startswith("fp1.") and resumed != first_redo
-    assert run("fp2") == "fp2"  # another fingerprint: a first run of it
