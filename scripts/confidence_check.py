@@ -10,7 +10,10 @@ folder and without rerunning a stage (it writes nothing into the run folder; GT 
   the exported set by confidence would beat ``export.refiner: auto``'s fixed order;
 - with ``--signals``: the two signals the confidence leaves out, the classifier's probability of each of the image's
   labels and SAM's predicted IoU of each class's prompts (computed here again: the run keeps neither), each alone and
-  each added to the plain mean, scored by the same three measures.
+  each added to the plain mean, scored by the same three measures;
+- with ``--saliency`` (a run with the salient-object prior): the mask's agreement with the salient-object maps as a
+  signal, scored the same way: a thing's mean salient probability over its mask, a stuff class's 1 minus it (the
+  run's ``things.json``; a class read as either has no value).
 
 ``python scripts/confidence_check.py --config configs/msrc21.yaml --run runs/msrc21 [--json out.json]``
 """
@@ -46,6 +49,7 @@ from pipeline.refine.sam import (  # noqa: E402
     one_thread,
     stuff_rows_of,
 )
+from pipeline.saliency import STUFF, THING, read_map, run_prior  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -109,6 +113,25 @@ def extra_signals(cfg, ds, exported: str, maps: str) -> dict[str, dict[str, dict
     return out
 
 
+def saliency_agreement(cfg, ds, exported: str) -> dict[str, dict[str, float]]:
+    """Image id -> {class name: the agreement of its mask in the exported set with the salient-object map}: the
+    mean salient probability over the mask for a thing, 1 minus it for stuff; classes read as either, or without
+    pixels in the mask, are left out."""
+    run = cfg.run_path
+    kinds = run_prior(run, ds.classes).kinds
+    out = {}
+    for s in ds.samples:
+        mask = read_mask(run / "refined" / exported / f"{s.id}.png")
+        sal = read_map(run, s.id, mask.shape)
+        out[s.id] = {}
+        for c in s.labels:
+            pixels = mask == c + int(ds.background)
+            if kinds[c] in (THING, STUFF) and pixels.any():
+                inside = float(sal[pixels].mean())
+                out[s.id][ds.classes[c]] = inside if kinds[c] == THING else 1.0 - inside
+    return out
+
+
 def signal_variants(per_image: dict, extra: dict) -> dict[str, dict]:
     """Per-image confidence entries (as run_confidence gives them) for: the confidence as it is, each extra signal
     alone, each added to the plain mean, and all added. An image's value of a signal is the mean over its classes;
@@ -141,7 +164,8 @@ def signal_variants(per_image: dict, extra: dict) -> dict[str, dict]:
     return variants
 
 
-def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, signals: bool) -> dict:
+def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, signals: bool,
+          saliency: bool = False) -> dict:
     ds = maps_dataset(cfg)
     run = cfg.run_path
     sets = complete_sets(cfg, ds)
@@ -191,8 +215,10 @@ def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, 
 
     out = {"run": str(run), "images": len(ids), "exported": exported, "other_sets": [r for r in sets if r != exported],
            "seconds_per_image": round(seconds, 4), **measure(per_image)}
-    if signals:
-        extra = extra_signals(cfg, ds, exported, sets[exported])
+    extra = extra_signals(cfg, ds, exported, sets[exported]) if signals else {}
+    if saliency:
+        extra["saliency"] = saliency_agreement(cfg, ds, exported)
+    if extra:
         out["signals"] = {name: {k: v for k, v in measure(variant).items() if k != "per_class"}
                           for name, variant in signal_variants(per_image, extra).items()}
     if choose:
@@ -222,10 +248,12 @@ def main() -> None:
     parser.add_argument("--choose", action="store_true", help="also each set's mean confidence and mIoU")
     parser.add_argument("--signals", action="store_true",
                         help="also the classifier's probability and SAM's predicted IoU as signals")
+    parser.add_argument("--saliency", action="store_true",
+                        help="also the masks' agreement with the salient-object maps as a signal")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     cfg = load_config(args.config, {"run_dir": args.run} if args.run else {})
-    out = check(cfg, args.exported, args.draws, args.fraction, args.choose, args.signals)
+    out = check(cfg, args.exported, args.draws, args.fraction, args.choose, args.signals, args.saliency)
     text = json.dumps(out, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
