@@ -15,7 +15,7 @@ def code_blocks(text: str) -> list[str]:
 
 def test_the_api_page_runs(tmp_path, monkeypatch):
     blocks = code_blocks(PAGE.read_text(encoding="utf-8"))
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "api_docs"}
     for i, block in enumerate(blocks):
