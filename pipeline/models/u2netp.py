@@ -36,6 +36,16 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=False)
 
 
+def _pooled(stages: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``stages`` on the previous one's output, with a 2×2 max-pool (ceil mode) between two stages: the
+    encoder of an RSU block and of the whole network. -> every stage's output, shallowest first."""
+    outs, h = [], x
+    for i, stage in enumerate(stages):
+        h = stage(F.max_pool2d(h, 2, 2, ceil_mode=True) if i else h)
+        outs.append(h)
+    return outs
+
+
 class RSU(nn.Module):
     """Residual U-block RSU-``depth``: ``depth`` - 1 encoder convolutions with a 2×2 max-pool (ceil mode) between
     them, a dilated bottom, ``depth`` - 1 decoder convolutions on [upsampled deeper output, skip]."""
@@ -50,13 +60,8 @@ class RSU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in = self.conv_in(x)
-        skips, h = [], x_in
-        for i, conv in enumerate(self.encoder):
-            if i:
-                h = F.max_pool2d(h, 2, 2, ceil_mode=True)
-            h = conv(h)
-            skips.append(h)
-        h = self.bottom(h)
+        skips = _pooled(self.encoder, x_in)
+        h = self.bottom(skips[-1])
         for conv, skip in zip(self.decoder, reversed(skips), strict=True):
             h = conv(torch.cat([_up(h, skip), skip], 1))
         return h + x_in
@@ -101,12 +106,8 @@ class U2NetP(nn.Module):
         self.fuse = nn.Conv2d(6, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips, h = [], x
-        for i, stage in enumerate(self.encoder):
-            if i:
-                h = F.max_pool2d(h, 2, 2, ceil_mode=True)
-            h = stage(h)
-            skips.append(h)
+        skips = _pooled(self.encoder, x)
+        h = skips[-1]
         decoded = [h]  # the bottom stage's output, then each decoder stage's, deepest first
         for stage, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
             h = stage(torch.cat([_up(h, skip), skip], 1))
