@@ -256,10 +256,11 @@ def claimed(maps: np.ndarray, things: np.ndarray, sal: np.ndarray) -> tuple[np.n
         return union, claims
     n, comp = cv2.connectedComponents(region, connectivity=8)
     rows = np.flatnonzero(things)
-    means = maps[rows].reshape(len(rows), -1).mean(1)
+    thing_maps = maps[rows]
+    means = thing_maps.reshape(len(rows), -1).mean(1)
     for k in range(1, n):
         inside = comp == k
-        by = maps[rows][:, inside].mean(1) >= means
+        by = thing_maps[:, inside].mean(1) >= means
         if by.any():
             union |= inside
             claims[rows[by]] = True

@@ -113,19 +113,19 @@ def extra_signals(cfg, ds, exported: str, maps: str) -> dict[str, dict[str, dict
     return out
 
 
-def saliency_agreement(cfg, ds, exported: str) -> dict[str, dict[str, float]]:
-    """Image id -> {class name: the agreement of its mask in the exported set with the salient-object map}: the
-    mean salient probability over the mask for a thing, 1 minus it for stuff; classes read as either, or without
-    pixels in the mask, are left out."""
+def saliency_agreement(cfg, ds, masks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Image id -> {class name: the agreement of its mask (``masks``: the exported set's) with the salient-object
+    map}: the mean salient probability over the mask for a thing, 1 minus it for stuff; classes read as either, or
+    without pixels in the mask, are left out."""
     run = cfg.run_path
     kinds = run_prior(run, ds.classes).kinds
     out = {}
     for s in ds.samples:
-        mask = read_mask(run / "refined" / exported / f"{s.id}.png")
+        mask = masks[s.id]
         sal = read_map(run, s.id, mask.shape)
         out[s.id] = {}
         for c in s.labels:
-            pixels = mask == c + int(ds.background)
+            pixels = mask == ds.label_of(c)
             if kinds[c] in (THING, STUFF) and pixels.any():
                 inside = float(sal[pixels].mean())
                 out[s.id][ds.classes[c]] = inside if kinds[c] == THING else 1.0 - inside
@@ -217,7 +217,7 @@ def check(cfg, exported: str | None, draws: int, fraction: float, choose: bool, 
            "seconds_per_image": round(seconds, 4), **measure(per_image)}
     extra = extra_signals(cfg, ds, exported, sets[exported]) if signals else {}
     if saliency:
-        extra["saliency"] = saliency_agreement(cfg, ds, exported)
+        extra["saliency"] = saliency_agreement(cfg, ds, masks)
     if extra:
         out["signals"] = {name: {k: v for k, v in measure(variant).items() if k != "per_class"}
                           for name, variant in signal_variants(per_image, extra).items()}
